@@ -1,0 +1,1 @@
+"""CUDA backend: Triton kernels and optional vendor libraries (FlashMLA, DeepGEMM, DeepEP) as providers."""

@@ -1,0 +1,48 @@
+"""The three `--device` backends and how each decides whether it can run here.
+
+torch_npu is imported only by `ascend_availability()`, i.e. only when the ascend backend is chosen or probed;
+nothing else in the library imports it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from .registry import Backend, add_backend
+
+
+def cuda_availability() -> list[str]:
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        return [f"no CUDA device visible to torch (torch {torch.__version__} is {build})"]
+    return []
+
+
+def ascend_availability() -> list[str]:
+    if importlib.util.find_spec("torch_npu") is None:
+        return ["torch_npu is not installed (pip install the torch_npu build matching your CANN toolkit and torch "
+                f"{torch.__version__.split('+')[0]}; see README 'Ascend')"]
+    try:
+        import torch_npu  # noqa: F401  (only here: registers the 'npu' device)
+    except Exception as e:  # the vendor import raises OSError/RuntimeError when CANN is missing
+        return [f"import torch_npu failed: {type(e).__name__}: {e} (is CANN installed and set_env.sh sourced?)"]
+    npu = getattr(torch, "npu", None)
+    if npu is None or not npu.is_available():
+        return ["torch_npu imported but no NPU is visible (torch.npu.is_available() is False)"]
+    return []
+
+
+CPU = add_backend(Backend("cpu", "cpu", [], [], None, "The pure-PyTorch reference."))
+CUDA = add_backend(Backend(
+    "cuda", "cuda", ["flash_mla", "deep_gemm", "triton"], ["dsv4_portable.backends.cuda"], cuda_availability,
+    "Needs an NVIDIA GPU and a CUDA build of torch; Triton kernels need `pip install triton`."))
+ASCEND = add_backend(Backend(
+    "ascend", "npu", ["cann", "triton_ascend"], ["dsv4_portable.backends.ascend"], ascend_availability,
+    "Needs an Ascend NPU with CANN and the matching torch_npu; see README 'Ascend'."))
+
+
+def interpret_mode() -> bool:
+    """True when Triton kernels run on CPU tensors under the interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,0 +1,1 @@
+"""Backend-neutral DeepSeek-V4 model graph: config, checkpoint loading, cache, generation."""

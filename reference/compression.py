@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from .hadamard import hadamard
+from .rotation import hadamard
 from .norm import rms_norm
 from .quant import FP8_KV_BLOCK, fp4_roundtrip, fp8_roundtrip, linear_f32
-from .rope import rope
+from .rotary import rope
 
 
 def compress_pool(kv: torch.Tensor, score: torch.Tensor, ratio: int, overlap: bool) -> torch.Tensor:

@@ -9,6 +9,12 @@ from .registry import (BACKENDS, OPS, BackendUnavailableError, NoProviderError, 
                        active_backend, get_backend, get_op, provider_counts, reset_counts, set_backend, use_backend)
 
 __version__ = "0.1.0"
-__all__ = ["ops", "devices", "BACKENDS", "OPS", "BackendUnavailableError", "NoProviderError", "OpInputError",
+__all__ = ["load_model", "ops", "devices", "BACKENDS", "OPS", "BackendUnavailableError", "NoProviderError", "OpInputError",
            "UnknownDeviceError", "active_backend", "get_backend", "get_op", "provider_counts", "reset_counts",
            "set_backend", "use_backend"]
+
+
+def load_model(*args, **kwargs):
+    """See dsv4_portable.api.load_model."""
+    from .api import load_model as _load
+    return _load(*args, **kwargs)

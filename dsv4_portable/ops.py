@@ -73,6 +73,20 @@ fp4_linear = define_op("fp4_linear", ref.fp4_linear,
                        [Arg("x", "* K"), Arg("w", "N KH", "packed4"), Arg("w_scale", "N KS", "scale")],
                        _GEMM_TOL, _check_linear("fp4_linear", True))
 
+def _check_plain_linear(x, w):
+    _need(w.shape[1] == x.shape[-1], f"linear: 'w' has shape {list(w.shape)} but 'x' has K={x.shape[-1]}")
+
+
+def _check_grouped_linear(x, w):
+    _need(x.dim() >= 2 and x.shape[-2] == w.shape[0] and x.shape[-1] == w.shape[2],
+          f"grouped_linear: 'x' {list(x.shape)} must end in [G, K] = [{w.shape[0]}, {w.shape[2]}] to match 'w' "
+          f"{list(w.shape)}")
+
+
+linear = define_op("linear", ref.linear, [Arg("x", "* K"), Arg("w", "N K")], _GEMM_TOL, _check_plain_linear)
+grouped_linear = define_op("grouped_linear", ref.grouped_linear, [Arg("x", "* K"), Arg("w", "G N K")], _GEMM_TOL,
+                           _check_grouped_linear)
+
 # ----------------------------------------------------------------------------------------------- norm, rope
 rms_norm = define_op("rms_norm", ref.rms_norm, [Arg("x", "* D"), Arg("weight", "D", "float", optional=True)],
                      _float_tol(bf16_atol=1e-2, f32_atol=1e-5))

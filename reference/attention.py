@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import torch
 
-# Rows of the gathered [chunk, K, D] workspace per step; keeps the reference within a few hundred MB.
-_CHUNK_ELEMS = 1 << 24
+from .invariant import f64
+from .quant import linear_f32
+
+BLOCK = 64              # index-list block of the online softmax, and key block of the indexer scores
+_CHUNK_ELEMS = 1 << 24  # gathered rows per step, so the reference stays within a few hundred MB
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -22,40 +25,66 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
     l_j = scale * <q, kv[idx_j]>;  o = sum_j p_j kv[idx_j],  p_j = exp(l_j) / (sum_i exp(l_i) + exp(sink_h)).
     The sink only enlarges the denominator (its value row is zero). Defined edge cases: a row with no valid
     index returns exactly 0 (never NaN); sink = -inf is plain softmax; sink = +inf returns 0.
-    Computed in fp32 (fp64 for fp64 inputs); returns q's dtype.
+    Computed in fp32 (fp64 for fp64 inputs) with an online softmax over blocks of 64 indices, every block a
+    fixed-shape product: a query's result does not depend on the other queries of the call nor on trailing -1
+    padding, so prefill, chunked prefill and decode agree bit for bit. Returns q's dtype.
     """
     b, s, h, d = q.shape
-    n = kv.shape[1]
+    n, k = kv.shape[1], idx.shape[-1]
     cd = _acc_dtype(q)
     out = torch.empty(b, s, h, d, dtype=q.dtype, device=q.device)
-    k = idx.shape[-1]
-    step = max(1, _CHUNK_ELEMS // max(1, k * d))
-    sink_c = sink.to(cd).view(1, 1, h)
+    sink_c = sink.to(cd)
+    step = max(1, _CHUNK_ELEMS // (BLOCK * d))
+    kpad = -(-max(k, 1) // BLOCK) * BLOCK
     for b0 in range(b):
         kvb = kv[b0].to(cd)
         for s0 in range(0, s, step):
-            ids = idx[b0, s0:s0 + step].long()                          # [c, K]
+            ids = idx[b0, s0:s0 + step].long()
+            ids = torch.nn.functional.pad(ids, (0, kpad - k), value=-1)        # [c, Kpad]
             valid = (ids >= 0) & (ids < n)
-            rows = kvb[ids.clamp(0, max(n - 1, 0))] if n else kvb.new_zeros(*ids.shape, d)  # [c, K, D]
-            qc = q[b0, s0:s0 + step].to(cd)                              # [c, H, D]
-            logits = torch.einsum("chd,ckd->chk", qc, rows) * scale
-            logits = logits.masked_fill(~valid.unsqueeze(1), float("-inf"))
-            m = torch.maximum(logits.amax(-1), sink_c.expand(logits.shape[0], 1, h)[:, 0])  # [c, H]
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            p = torch.exp(logits - m.unsqueeze(-1))
-            denom = p.sum(-1) + torch.exp(sink_c[0] - m)
-            o = torch.einsum("chk,ckd->chd", p, rows)
-            o = torch.where(denom.unsqueeze(-1) > 0, o / denom.unsqueeze(-1), torch.zeros_like(o))
-            o = torch.where(torch.isposinf(sink_c[0]).unsqueeze(-1).expand_as(o), torch.zeros_like(o), o)
+            qc = q[b0, s0:s0 + step].to(cd)                                      # [c, H, D]
+            c = qc.shape[0]
+            m = torch.full((c, h), float("-inf"), dtype=cd, device=q.device)
+            lsum = torch.zeros(c, h, dtype=cd, device=q.device)
+            acc = torch.zeros(c, h, d, dtype=cd, device=q.device)
+            for k0 in range(0, kpad, BLOCK):
+                blk, ok = ids[:, k0:k0 + BLOCK], valid[:, k0:k0 + BLOCK]
+                rows = kvb[blk.clamp(0, max(n - 1, 0))] if n else kvb.new_zeros(c, BLOCK, d)   # [c, 64, D]
+                logits = torch.bmm(qc, rows.transpose(1, 2)) * scale                          # [c, H, 64]
+                logits = logits.masked_fill(~ok.unsqueeze(1), float("-inf"))
+                m_new = torch.maximum(m, logits.amax(-1))
+                m_use = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+                alpha = f64(torch.exp, m - m_use)
+                p = f64(torch.exp, logits - m_use.unsqueeze(-1))
+                lsum = lsum * alpha + p.sum(-1)
+                acc = acc * alpha.unsqueeze(-1) + torch.bmm(p, rows)
+                m = m_new
+            m_use = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+            denom = lsum + f64(torch.exp, sink_c - m_use)
+            o = torch.where(denom.unsqueeze(-1) > 0, acc / denom.unsqueeze(-1), torch.zeros_like(acc))
             out[b0, s0:s0 + step] = o.to(q.dtype)
     return out
 
 
 def indexer_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """score[b, s, t] = sum_h relu(<q[b,s,h], k[b,t]>) * w[b,s,h], in fp32 (fp64 for fp64). [B, S, N]."""
+    """score[b, s, t] = sum_h relu(<q[b,s,h], k[b,t]>) * w[b,s,h], in fp32 (fp64 for fp64). [B, S, N].
+
+    Products in fixed [16 query rows x 64 keys] tiles and a sequential sum over heads, so a score never depends
+    on how many queries or keys share the call."""
+    b, s, h, d = q.shape
+    n = k.shape[1]
     cd = _acc_dtype(q)
-    logits = torch.einsum("bshd,btd->bsht", q.to(cd), k.to(cd)).relu_()
-    return torch.einsum("bsht,bsh->bst", logits, w.to(cd))
+    npad = -(-n // BLOCK) * BLOCK
+    out = torch.empty(b, s, n, dtype=cd, device=q.device)
+    for b0 in range(b):
+        qf = q[b0].reshape(s * h, d).to(cd)
+        rows = -(-qf.shape[0] // 16) * 16
+        qt = torch.nn.functional.pad(qf, (0, 0, 0, rows - qf.shape[0])).view(-1, 1, 16, d)
+        kb = torch.nn.functional.pad(k[b0].to(cd), (0, 0, 0, npad - n)).view(1, -1, BLOCK, d)
+        logits = torch.matmul(qt, kb.transpose(-1, -2))                          # [S*H/16, N/64, 16, 64]
+        logits = logits.permute(0, 2, 1, 3).reshape(rows, npad)[: s * h, :n].view(s, h, n).relu_()
+        out[b0] = (logits * w[b0].to(cd).unsqueeze(-1)).sum(1)
+    return out
 
 
 def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, visible: torch.Tensor,
@@ -67,6 +96,9 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, visible: tor
     compressed entries each query may see (entry t is visible iff t < visible); topk: int.
     Returns idx int32 [B, S, min(topk, N)]: the entries with the largest scores among the visible ones, and -1
     in slots beyond the visible count. Set semantics: the order within a row is not part of the contract.
+    Ties (common: an entry whose ReLU terms are all 0 scores exactly 0) are broken toward the lower index here,
+    so the reference's choice does not depend on N or on how a sequence was chunked; other providers may pick
+    any member of a tie (conformance compares tie-aware).
     """
     b, s, h, di = q.shape
     n = k.shape[1]
@@ -81,7 +113,7 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, visible: tor
         vis = visible[:, s0:s0 + step].to(torch.int64)
         mask = t.view(1, 1, n) >= vis.unsqueeze(-1)
         sc = sc.masked_fill(mask, float("-inf"))
-        top = sc.topk(kk, dim=-1).indices
+        top = sc.sort(dim=-1, descending=True, stable=True).indices[..., :kk]
         top = torch.where(top >= vis.unsqueeze(-1), torch.full_like(top, -1), top)
         out[:, s0:s0 + step] = top.to(torch.int32)
     return out

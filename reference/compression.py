@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .invariant import f64
 from .rotation import hadamard
 from .norm import rms_norm
 from .quant import FP8_KV_BLOCK, fp4_roundtrip, fp8_roundtrip, linear_f32
@@ -41,7 +42,7 @@ def compress_pool(kv: torch.Tensor, score: torch.Tensor, ratio: int, overlap: bo
         n = length // ratio
         kv8 = kv.view(b, n, ratio, c)
         sc8 = score.view(b, n, ratio, c)
-    return (kv8 * sc8.softmax(dim=2)).sum(dim=2)
+    return (kv8 * f64(torch.softmax, sc8, dim=2)).sum(dim=2)
 
 
 def compressor(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor, ape: torch.Tensor,

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from .invariant import f64
+from .quant import linear_f32
+
 
 def _cd(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -14,13 +17,13 @@ def _cd(t: torch.Tensor) -> torch.dtype:
 
 def _mixes(h: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
     flat = h.flatten(-2).to(_cd(h))                                    # [B, S, n*D]
-    rsqrt = torch.rsqrt(flat.square().mean(-1, keepdim=True) + norm_eps)  # one RMS over all n*D values
-    return (flat @ fn.to(flat.dtype).t()) * rsqrt
+    rsqrt = f64(torch.rsqrt, flat.square().mean(-1, keepdim=True) + norm_eps)  # one RMS over all n*D values
+    return linear_f32(flat, fn) * rsqrt                                  # batch-invariant product
 
 
 def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """softmax over the last dim + eps, divide by column sums (+eps), then iters-1 times: rows, then columns."""
-    comb = comb.softmax(-1) + eps
+    comb = f64(torch.softmax, comb, -1) + eps
     comb = comb / (comb.sum(-2, keepdim=True) + eps)
     for _ in range(iters - 1):
         comb = comb / (comb.sum(-1, keepdim=True) + eps)
@@ -41,8 +44,8 @@ def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
     cd = _cd(h)
     m = _mixes(h, fn, norm_eps)
     sc, bs = scale.to(cd), base.to(cd)
-    pre = torch.sigmoid(m[..., :n] * sc[0] + bs[:n]) + hc_eps
-    post = 2 * torch.sigmoid(m[..., n:2 * n] * sc[1] + bs[n:2 * n])
+    pre = f64(torch.sigmoid, m[..., :n] * sc[0] + bs[:n]) + hc_eps
+    post = 2 * f64(torch.sigmoid, m[..., n:2 * n] * sc[1] + bs[n:2 * n])
     comb = (m[..., 2 * n:] * sc[2] + bs[2 * n:]).unflatten(-1, (n, n))
     comb = sinkhorn(comb, iters, hc_eps)
     y = (pre.unsqueeze(-1) * h.to(cd)).sum(-2)
@@ -65,5 +68,5 @@ def hc_head(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.
 
     h: [B, S, n, D]; fn: float32 [n, n*D]; scale: float32 [1]; base: float32 [n]. Returns [B, S, D], h's dtype."""
     cd = _cd(h)
-    pre = torch.sigmoid(_mixes(h, fn, norm_eps) * scale.to(cd) + base.to(cd)) + hc_eps
+    pre = f64(torch.sigmoid, _mixes(h, fn, norm_eps) * scale.to(cd) + base.to(cd)) + hc_eps
     return (pre.unsqueeze(-1) * h.to(cd)).sum(-2).to(h.dtype)

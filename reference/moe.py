@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .invariant import f64
 import torch.nn.functional as F
 
 from .quant import FP8_LINEAR_BLOCK, dequant_fp4_weight, dequant_fp8, dequant_fp8_weight, linear_f32, quant_fp8
@@ -45,13 +47,14 @@ class ExpertWeights:
 
     @property
     def hidden(self) -> int:
-        return self.w2.shape[1]
+        return self.w1.shape[2] * (2 if self.fmt == "fp4" else 1)
 
     @property
     def inter(self) -> int:
         return self.w1.shape[1]
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every field's shape, derived from w1 (E, I and D)."""
         e, i, d = self.num_experts, self.inter, self.hidden
         if self.fmt == "fp4":
             return {"w1": (e, i, d // 2), "w3": (e, i, d // 2), "w2": (e, d, i // 2),
@@ -66,12 +69,9 @@ class ExpertWeights:
         """Raise ValueError naming the first field whose format, dtype or shape is wrong."""
         if self.fmt not in EXPERT_FORMATS:
             raise ValueError(f"{where}: unknown expert format {self.fmt!r} (expected one of {EXPERT_FORMATS})")
-        if self.fmt == "fp4":  # hidden/inter are read from packed shapes
-            e, d, i = self.w1.shape[0], self.w2.shape[1], self.w1.shape[1]
-            shapes = {"w1": (e, i, d // 2), "w3": (e, i, d // 2), "w2": (e, d, i // 2),
-                      "s1": (e, i, d // 32), "s3": (e, i, d // 32), "s2": (e, d, i // 32)}
-        else:
-            shapes = self.expected_shapes()
+        if self.w1.dim() != 3:
+            raise ValueError(f"{where}: 'w1' must be [E, I, D] (packed [E, I, D/2] for fp4), got {list(self.w1.shape)}")
+        shapes = self.expected_shapes()
         dtypes = {"bf16": None, "fp8": (torch.float8_e4m3fn,), "fp4": (torch.int8, torch.uint8)}[self.fmt]
         for name, shape in shapes.items():
             t = getattr(self, name)
@@ -112,7 +112,7 @@ def expert_forward(x: torch.Tensor, ew: ExpertWeights, e: int, weight: torch.Ten
     if swiglu_limit > 0:
         u = u.clamp(-swiglu_limit, swiglu_limit)
         g = g.clamp(max=swiglu_limit)
-    h = F.silu(g) * u
+    h = f64(F.silu, g) * u
     if weight is not None:
         h = weight.to(cd).unsqueeze(-1) * h
     return expert_linear(h.to(x.dtype), ew, "w2", e)
@@ -129,13 +129,13 @@ def moe_route(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | N
     w = gather(s, idx), normalised to sum 1 (not for softmax), times route_scale.
     Returns (weights float32 [T, K], idx int64 [T, K])."""
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-    logits = x.to(cd) @ gate_weight.to(cd).t()
+    logits = linear_f32(x.to(cd), gate_weight)
     if score_func == "softmax":
-        scores = logits.softmax(-1)
+        scores = f64(torch.softmax, logits, -1)
     elif score_func == "sigmoid":
-        scores = logits.sigmoid()
+        scores = f64(torch.sigmoid, logits)
     elif score_func == "sqrtsoftplus":
-        scores = F.softplus(logits).sqrt()
+        scores = f64(lambda t: F.softplus(t).sqrt(), logits)
     else:
         raise ValueError(f"unknown score_func {score_func!r} (sqrtsoftplus, sigmoid or softmax)")
     if tid2eid is not None:

@@ -224,6 +224,20 @@ def linear_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y.view(*lead, w.shape[0])
 
 
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """y = x @ w^T for float weights: fp32 accumulation (fp64 for fp64 x), output in x's dtype, batch-invariant.
+
+    x: [..., K] float; w: [N, K] float (any float dtype)."""
+    return linear_f32(x, w).to(x.dtype)
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Per-group products: y[..., g, :] = x[..., g, :] @ w[g]^T (V4's grouped output projection wo_a).
+
+    x: [..., G, K] float; w: [G, N, K] float. fp32 accumulation, output in x's dtype, batch-invariant."""
+    return torch.stack([linear_f32(x[..., g, :], w[g]) for g in range(w.shape[0])], dim=-2).to(x.dtype)
+
+
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, scale_fmt: str | None = "ue8m0"):
     """y = act_quant(x) @ dequant(w)^T with FP8 block scaling; output in x's dtype.
 
@@ -243,3 +257,22 @@ def fp4_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, scale_fm
     xq, xs = quant_fp8(x, FP8_LINEAR_BLOCK, scale_fmt)
     xd = dequant_fp8(xq, xs, FP8_LINEAR_BLOCK)
     return linear_f32(xd, dequant_fp4_weight(w, w_scale)).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- weight quantisers
+def quant_fp8_weight(w: torch.Tensor, block: int = FP8_LINEAR_BLOCK, scale_fmt: str | None = "ue8m0"):
+    """Float weight [N, K] -> (float8_e4m3fn [N, K], float32 scales [ceil(N/128), ceil(K/128)]), one scale per
+    128x128 block chosen like the activation rule (used to write FP8 checkpoints)."""
+    n, k = w.shape
+    pn, pk = (-n) % block, (-k) % block
+    wp = torch.nn.functional.pad(w.float(), (0, pk, 0, pn))
+    blocks = wp.view((n + pn) // block, block, (k + pk) // block, block)
+    s = pow2_scale(blocks.abs().amax(dim=(1, 3)), FP8_MAX, FP8_AMAX_FLOOR, scale_fmt)
+    q = (blocks / s[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(n + pn, k + pk)[:n, :k].contiguous(), s
+
+
+def quant_fp4_weight(w: torch.Tensor, block: int = FP4_BLOCK):
+    """Float weight [N, K] -> (packed int8 [N, K/2], float32 scales [N, K/32]) as in FP4 expert checkpoints."""
+    packed, s = quant_fp4(w, block)
+    return packed.view(torch.int8), s

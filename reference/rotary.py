@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .invariant import f64
 
 @dataclass(frozen=True)
 class Yarn:
@@ -40,7 +41,7 @@ def rope_inv_freq(rope_dim: int, theta: float, yarn: Yarn | None = None) -> torc
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
     """cos, sin float32 [*positions.shape, rope_dim/2] for integer positions."""
     angle = positions.to(torch.int64).unsqueeze(-1) * inv_freq.to(positions.device)
-    return torch.cos(angle), torch.sin(angle)
+    return f64(torch.cos, angle), f64(torch.sin, angle)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:

@@ -1,0 +1,201 @@
+"""The model graph: cached decode equals prefill, batching, cache layouts, weight modes, checkpoint errors."""
+import json
+import pathlib
+
+import pytest
+import torch
+
+import dsv4_portable as dsv4
+from dsv4_portable.config import ConfigError, load_preset
+from dsv4_portable.model.cache import CacheError
+from dsv4_portable.model.checkpoint import CheckpointError, random_tensors, save_checkpoint
+from dsv4_portable.model.transformer import ModelInputError
+
+CFG = load_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_fp8")
+    save_checkpoint(path, CFG, random_tensors(CFG, seed=1), shards=3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model32(ckpt):
+    return dsv4.load_model(ckpt, dtype="fp32", quiet=True)
+
+
+def ids(n, batch=1, seed=0):
+    return torch.randint(2, CFG.vocab_size, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def decode_logits(model, x, n):
+    """Prefill x[:, :n], then feed the rest one token at a time; logits for every position."""
+    cache = model.new_cache(x.shape[0], x.shape[1])
+    out = [model.forward(x[:, :n], cache, all_logits=True)]
+    for j in range(n, x.shape[1]):
+        out.append(model.forward(x[:, j:j + 1], cache, all_logits=True))
+    return torch.cat(out, 1)
+
+
+# The reference graph is batch-invariant (reference/invariant.py), so these equalities are bitwise, with FP8
+# activation quantisation and QAT on: any drift would flip quantisation boundaries and show up here.
+@pytest.mark.parametrize("n, m", [(3, 3), (4, 2), (7, 3), (15, 3), (127, 3), (255, 3)])
+def test_prefill_then_decode_equals_one_prefill(model32, n, m):
+    """Prompt lengths around the ratio-4 and ratio-128 boundaries (and the 16-token window)."""
+    x = ids(n + m, seed=n)
+    full = model32.forward(x, all_logits=True)
+    assert torch.equal(decode_logits(model32, x, n), full)
+
+
+def test_chunked_prefill_split_at_non_multiple(model32):
+    x = ids(262, seed=3)
+    full = model32.forward(x, all_logits=True)
+    cache = model32.new_cache(1, 262)
+    parts = [model32.forward(x[:, a:b], cache, all_logits=True) for a, b in ((0, 5), (5, 131), (131, 262))]
+    assert torch.equal(torch.cat(parts, 1), full)
+
+
+def test_bf16_decode_equals_prefill(ckpt):
+    m = dsv4.load_model(ckpt, dtype="bf16", quiet=True)
+    x = ids(133, seed=11)
+    assert torch.equal(decode_logits(m, x, 126), m.forward(x, all_logits=True))
+
+
+def test_batch_equals_each_prompt_alone(model32):
+    x = ids(37, batch=3, seed=4)
+    both = model32.forward(x, all_logits=True)
+    for b in range(3):
+        assert torch.equal(both[b:b + 1], model32.forward(x[b:b + 1], all_logits=True))
+
+
+def test_fp8_cache_layout_is_bitwise_equal_to_plain(ckpt):
+    m = dsv4.load_model(ckpt, dtype="bf16", quiet=True)
+    x = ids(140, batch=2, seed=5)
+    outs = {}
+    for layout in ("plain", "fp8"):
+        cache = m.new_cache(2, 150, layout)
+        outs[layout] = [m.forward(x, cache, all_logits=True)] + [m.forward(x[:, j:j + 1], cache) for j in range(6)]
+        assert cache.layout == layout
+    for a, b in zip(outs["plain"], outs["fp8"]):
+        assert torch.equal(a, b)
+    fp8 = m.new_cache(1, 1024, "fp8")
+    plain = m.new_cache(1, 1024, "plain")
+    assert fp8.nbytes() < plain.nbytes()
+    with pytest.raises(CacheError, match="quant_sim"):
+        dsv4.load_model(ckpt, dtype="bf16", quant_sim=False, quiet=True).new_cache(1, 8, "fp8")
+
+
+def test_weight_modes_agree(ckpt):
+    x = ids(40, seed=6)
+    logits = {w: dsv4.load_model(ckpt, dtype="fp32", weights=w, quiet=True).forward(x, all_logits=True)
+              for w in ("native", "bf16", "fp8")}
+    # bf16 mode dequantises the same FP8/FP4 values; fp8 mode converts FP4 experts exactly: same weights,
+    # only the activation quantisation of dequantised linears differs (bf16 mode runs plain matmuls).
+    assert torch.equal(logits["native"], logits["fp8"])
+    sim = torch.nn.functional.cosine_similarity(logits["native"].flatten(), logits["bf16"].flatten(), 0)
+    assert sim > 0.99, sim
+
+
+def test_quant_sim_changes_numerics_only_slightly(ckpt):
+    x = ids(30, seed=7)
+    on = dsv4.load_model(ckpt, dtype="fp32", quiet=True).forward(x, all_logits=True)
+    off = dsv4.load_model(ckpt, dtype="fp32", quant_sim=False, quiet=True).forward(x, all_logits=True)
+    assert not torch.equal(on, off)
+    assert torch.nn.functional.cosine_similarity(on.flatten(), off.flatten(), 0) > 0.98
+
+
+def test_mtp_block_runs_on_main_hidden_states(model32):
+    x = ids(20, seed=8)
+    cache = model32.new_cache(1, 20)
+    logits, hidden = model32.net.forward(x, cache, all_logits=True, return_hidden=True)
+    mtp = model32.net.mtp_forward(hidden[:, :-1], x[:, 1:], cache)
+    assert mtp.shape == (1, 19, CFG.vocab_size) and torch.isfinite(mtp).all()
+
+
+def test_generate_greedy_and_seeded_sampling(ckpt):
+    m = dsv4.load_model(ckpt, dtype="bf16", quiet=True)
+    p = ids(12, seed=9)[0].tolist()
+    a = m.generate([p], max_new_tokens=5)
+    b = m.generate([p, p], max_new_tokens=5)
+    assert a.tokens[0] == b.tokens[0] == b.tokens[1] and len(a.tokens[0]) == 5
+    s1 = m.generate([p], max_new_tokens=6, temperature=1.0, top_p=0.9, seed=3).tokens
+    s2 = m.generate([p], max_new_tokens=6, temperature=1.0, top_p=0.9, seed=3).tokens
+    assert s1 == s2
+    stop = a.tokens[0][1]
+    c = m.generate([p], max_new_tokens=5, stop_tokens=[stop])
+    assert c.tokens[0] == a.tokens[0][:2]
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def test_prompt_longer_than_cache_is_refused_before_work(model32):
+    cache = model32.new_cache(1, 10)
+    with pytest.raises(CacheError, match="exceed the cache length 10"):
+        model32.forward(ids(11), cache)
+    assert cache.pos == 0
+    with pytest.raises(ModelInputError, match=r"token ids must be in \[0, 1024\)"):
+        model32.forward(torch.tensor([[1, 5000]]))
+    with pytest.raises(ModelInputError, match="max_position_embeddings"):
+        model32.generate([[1, 2]], max_new_tokens=5000)
+
+
+def _copy(ckpt, tmp_path, mutate):
+    tensors = random_tensors(CFG, seed=1)
+    mutate(tensors)
+    save_checkpoint(tmp_path, CFG, tensors)
+    return tmp_path
+
+
+def test_missing_and_misshapen_tensors_reported_together(tmp_path):
+    def mutate(t):
+        del t["layers.1.attn.wkv.weight"]
+        del t["layers.2.ffn.experts.3.w2.scale"]
+        t["layers.0.attn.attn_sink"] = torch.zeros(7)
+        t["layers.0.bogus"] = torch.zeros(1)
+    path = _copy(None, tmp_path, mutate)
+    with pytest.raises(CheckpointError) as e:
+        dsv4.load_model(path, quiet=True)
+    msg = str(e.value)
+    assert "missing: layers.1.attn.wkv.weight" in msg
+    assert "misshapen: layers.2.ffn.experts.3.w2" in msg
+    assert "misshapen: layers.0.attn.attn_sink: got F32 [7]" in msg
+    assert "unexpected: layers.0.bogus" in msg
+
+
+def test_truncated_file_and_config_mismatch(ckpt, tmp_path):
+    import shutil
+    bad = tmp_path / "trunc"
+    shutil.copytree(ckpt, bad)
+    shard = sorted(bad.glob("*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        dsv4.load_model(bad, quiet=True)
+    other = tmp_path / "other"
+    shutil.copytree(ckpt, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["moe_intermediate_size"] = 256
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"misshapen: layers.0.ffn.experts.0.w1"):
+        dsv4.load_model(other, quiet=True)
+    cfg["bogus_key"] = 1
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="'bogus_key' is unknown"):
+        dsv4.load_model(other, quiet=True)
+
+
+def test_hash_layer_needs_input_ids(model32):
+    moe = model32.net.layers[0].ffn
+    assert moe.hash
+    with pytest.raises(ModelInputError, match="hash layer"):
+        moe(torch.zeros(1, 2, CFG.dim), None)
+
+
+def test_unknown_device_and_dtype(ckpt):
+    with pytest.raises(dsv4.UnknownDeviceError, match="unknown device 'gpu'"):
+        dsv4.load_model(ckpt, device="gpu", quiet=True)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        dsv4.load_model(ckpt, dtype="int8", quiet=True)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        dsv4.load_model(pathlib.Path("/nonexistent"), quiet=True)

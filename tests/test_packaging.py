@@ -1,0 +1,38 @@
+"""The four top-level folders install as sub-packages of dsv4_portable, from a wheel and from an editable install."""
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+IMPORTS = ("import dsv4_portable, dsv4_portable.reference, dsv4_portable.backends.cuda, "
+           "dsv4_portable.backends.ascend, dsv4_portable.conformance, dsv4_portable.model; "
+           "print(dsv4_portable.__file__); print(dsv4_portable.reference.__file__)")
+
+
+def test_wheel_maps_folders_into_the_namespace(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True, timeout=300)
+    wheel = next((tmp_path / "dist").glob("dsv4_portable-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for must in ("dsv4_portable/reference/quant.py", "dsv4_portable/backends/cuda/__init__.py",
+                 "dsv4_portable/backends/ascend/__init__.py", "dsv4_portable/conformance/__init__.py",
+                 "dsv4_portable/registry.py"):
+        assert must in names, must
+    tops = {n.split("/")[0] for n in names}
+    assert not tops & {"reference", "backends", "conformance"}, tops   # no generic top-level packages
+    assert any(n.startswith("dsv4_portable/presets/") and n.endswith(".yaml") for n in names)
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", IMPORTS], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert all(line.startswith(str(target)) for line in out.stdout.split()), out.stdout
+
+
+def test_editable_install_resolves_to_the_repo(tmp_path):
+    out = subprocess.run([sys.executable, "-c", IMPORTS], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    first, ref = out.stdout.split()
+    assert ref == str(ROOT / "reference" / "__init__.py") and first == str(ROOT / "dsv4_portable" / "__init__.py")

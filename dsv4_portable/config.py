@@ -17,7 +17,11 @@ RATIOS = (0, 4, 128)
 
 
 class ConfigError(ValueError):
-    """A config key is unknown, malformed or inconsistent with the others."""
+    """A config key is unknown, malformed or inconsistent with the others (`key`: the field concerned)."""
+
+    def __init__(self, msg: str, key: str | None = None):
+        super().__init__(msg)
+        self.key = key
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,7 @@ class ModelConfig:
     def __post_init__(self):
         def need(cond, key, msg):
             if not cond:
-                raise ConfigError(f"config key '{key}': {msg}")
+                raise ConfigError(f"config key '{key}': {msg}", key)
 
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
@@ -91,15 +95,15 @@ class ModelConfig:
              f"must exceed rope_head_dim {self.rope_head_dim}, got {self.index_head_dim}")
         need(self.n_heads * self.head_dim % self.o_groups == 0, "o_groups",
              f"n_heads*head_dim = {self.n_heads * self.head_dim} must be divisible by o_groups {self.o_groups}")
-        need(self.n_activated_experts <= self.n_routed_experts, "num_experts_per_tok",
+        need(self.n_activated_experts <= self.n_routed_experts, "n_activated_experts",
              f"{self.n_activated_experts} exceeds n_routed_experts {self.n_routed_experts}")
         need(self.n_shared_experts == 1, "n_shared_experts", f"V4 has exactly one shared expert, got "
                                                              f"{self.n_shared_experts}")
-        need(self.score_func in ("sqrtsoftplus", "sigmoid", "softmax"), "scoring_func",
+        need(self.score_func in ("sqrtsoftplus", "sigmoid", "softmax"), "score_func",
              f"must be sqrtsoftplus, sigmoid or softmax, got {self.score_func!r}")
-        need(0 <= self.n_hash_layers <= self.n_layers, "num_hash_layers",
+        need(0 <= self.n_hash_layers <= self.n_layers, "n_hash_layers",
              f"must be between 0 and n_layers {self.n_layers}, got {self.n_hash_layers}")
-        need(self.n_mtp_layers >= 0, "num_nextn_predict_layers", f"must be >= 0, got {self.n_mtp_layers}")
+        need(self.n_mtp_layers >= 0, "n_mtp_layers", f"must be >= 0, got {self.n_mtp_layers}")
         need(isinstance(self.compress_ratios, tuple) and len(self.compress_ratios) == self.n_layers + self.n_mtp_layers,
              "compress_ratios", f"needs n_layers + n_mtp_layers = {self.n_layers + self.n_mtp_layers} entries "
                                 f"(the last ones are the MTP layers), got {len(self.compress_ratios)}")
@@ -109,7 +113,7 @@ class ModelConfig:
         need(self.expert_dtype in ("fp4", "fp8", "bf16"), "expert_dtype",
              f"must be fp4, fp8 or bf16, got {self.expert_dtype!r}")
         need(self.scale_fmt in ("ue8m0", None), "scale_fmt", f"must be ue8m0 or null, got {self.scale_fmt!r}")
-        need(self.dim % 128 == 0 or self.dtype == "bf16", "hidden_size",
+        need(self.dim % 128 == 0 or self.dtype == "bf16", "dim",
              f"{self.dim} must be a multiple of 128 for FP8 block-quantised linears")
         need(self.hc_eps >= 0 and self.norm_eps >= 0, "hc_eps", "eps values must be >= 0")
 
@@ -230,6 +234,12 @@ def _parse_quantization(q, out: dict) -> None:
     out["dtype"] = "fp8"
 
 
+_HF_SPELLING = {**_HF_NAMES, "original_seq_len": "rope_scaling.original_max_position_embeddings",
+                "rope_factor": "rope_scaling.factor", "beta_fast": "rope_scaling.beta_fast",
+                "beta_slow": "rope_scaling.beta_slow", "dtype": "quantization_config",
+                "scale_fmt": "quantization_config.scale_fmt", "expert_dtype": "expert_dtype"}
+
+
 def from_hf_dict(raw: dict, name: str = "custom") -> ModelConfig:
     """Parse a Hugging Face root config.json (DeepSeek's V4 spelling)."""
     rev = {v: k for k, v in _HF_NAMES.items()}
@@ -256,7 +266,7 @@ def from_hf_dict(raw: dict, name: str = "custom") -> ModelConfig:
         out["expert_dtype"] = "fp8"  # FP8 checkpoints without an expert_dtype keep FP8 experts
     if "rope_scaling" not in raw:
         out["original_seq_len"] = 0
-    return _build(out)
+    return _build(out, _HF_SPELLING)
 
 
 def from_model_args(raw: dict, name: str = "custom") -> ModelConfig:
@@ -280,19 +290,22 @@ def from_model_args(raw: dict, name: str = "custom") -> ModelConfig:
         out["expert_dtype"] = "fp8" if out.get("dtype", "fp8") == "fp8" else "bf16"
     if "n_mtp_layers" in raw:
         out["n_mtp_layers"] = raw["n_mtp_layers"]
-    return _build(out)
+    return _build(out, {v: k for k, v in _ARGS_NAMES.items()})
 
 
-def _build(kw: dict) -> ModelConfig:
+def _build(kw: dict, spelling: dict | None = None) -> ModelConfig:
+    """ModelConfig(**kw), with errors naming keys as the source spelled them."""
+    spelling = spelling or {}
     missing = [f.name for f in dataclasses.fields(ModelConfig)
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in kw]
     if missing:
-        inv = {**{k: v for k, v in _HF_NAMES.items()}}
-        raise ConfigError("config is missing required key(s): " + ", ".join(f"'{inv.get(m, m)}'" for m in missing))
+        raise ConfigError("config is missing required key(s): " + ", ".join(f"'{spelling.get(m, m)}'" for m in missing))
     try:
         return ModelConfig(**kw)
-    except TypeError as e:  # defensive: an unexpected field name
-        raise ConfigError(str(e)) from None
+    except ConfigError as e:
+        if e.key and e.key in spelling:
+            raise ConfigError(str(e).replace(f"'{e.key}'", f"'{spelling[e.key]}'", 1), spelling[e.key]) from None
+        raise
 
 
 def load_config(source: str | pathlib.Path) -> ModelConfig:

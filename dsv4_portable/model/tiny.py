@@ -20,7 +20,7 @@ def cache_dir() -> pathlib.Path:
 def tiny_checkpoint(quiet: bool = False) -> pathlib.Path:
     """Path of the tiny checkpoint, writing it on first use (atomically, so a crash never leaves half a model)."""
     cfg = load_preset("tiny")
-    path = cache_dir() / f"tiny-v1-{TINY_SEED}"
+    path = cache_dir() / f"tiny-v2-{TINY_SEED}"
     if (path / "model.safetensors").exists():
         return path
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")

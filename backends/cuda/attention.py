@@ -1,0 +1,118 @@
+"""Triton provider of `sparse_attn`: shared-KV MQA over index lists with sinks, split-K for decode.
+
+Kernel shape: one program per (query, head block of BLOCK_H = 32 heads, split of the index list). It loads
+its BLOCK_H query rows once, then walks its part of the index list BLOCK_N rows at a time: the gathered kv rows
+are keys (logits = q @ rows^T on the tensor cores) and values (acc += p @ rows) at once, with an online
+softmax in fp32. The head block keeps the fp32 accumulator at 32 x 512 (64 registers a thread at 8 warps); at
+H = 64 the two head-block programs of a query are neighbours in the grid, so the second read of each kv row
+hits L2. (BLOCK_H = 64 compiles to wgmma on sm90 at 255 registers with a small spill; which of the two is
+faster at V4 decode shapes is for the GPU benchmark to decide: MAX_HEAD_BLOCK.)
+
+Split-K: decode has one query per sequence, so (batch x head blocks) programs cannot fill the GPU. When the
+grid would cover less than half the SMs, the index list is cut into contiguous splits (whole BLOCK_N blocks, at
+least MIN_SPLIT_ROWS rows each: a split's fp32 partial, BLOCK_H x D x 4 bytes, should stay well below the
+kv bytes it reads); each split writes (acc, max, sum) and a small combine kernel merges them in split order and
+applies the sink. Large batches and prefill run unsplit, so the split count depends on the batch size and the
+last bits of a query's result may differ between split and unsplit launches (the op's tolerance covers it; the
+reference's bitwise batch invariance is not claimed here).
+
+Edge cases, as the reference defines them: invalid indices (-1 or outside [0, N)) are skipped; a row with no
+valid index gives 0; sink -inf is a plain softmax; sink +inf gives 0. No host syncs: the split plan uses shapes
+and the SM count only.
+"""
+from __future__ import annotations
+
+import torch
+
+from dsv4_portable.devices import interpret_mode
+from dsv4_portable.registry import register
+
+from .common import device_reasons, triton_availability
+from .launch import launch
+
+BLOCK_N = 32          # kv rows per step
+MAX_HEAD_BLOCK = 32   # heads per program
+MAX_D = 512           # fp32 accumulator BLOCK_H x D must fit the register file
+MIN_SPLIT_ROWS = 128  # smallest split on a GPU (the interpreter allows one block, to test many splits)
+
+
+def _kernels():
+    from . import attention_kernels
+    return attention_kernels
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    # interpreter: a small virtual GPU so that tiny test shapes take the decode paths; meta tensors (the
+    # offline compile check): an H100's 132 SMs
+    return 8 if interpret_mode() else 132
+
+
+def plan_splits(programs: int, k: int, sms: int, min_rows: int) -> tuple[int, int]:
+    """(n_splits, blocks_per_split) for `programs` (query, head block) pairs over index lists of length k."""
+    n_blocks = max(1, -(-k // BLOCK_N))
+    if programs >= max(1, sms // 2) or n_blocks < 2:
+        return 1, n_blocks
+    want = min(-(-sms // programs), max(1, k // min_rows), n_blocks)
+    per = -(-n_blocks // max(1, want))
+    return -(-n_blocks // per), per
+
+
+def _supports(q, kv, sink, idx, scale):
+    reasons = device_reasons(q, kv, sink, idx)
+    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        reasons.append(f"q dtype {q.dtype} not supported (bf16, fp16, fp32; fp64 runs on the reference)")
+    d = q.shape[-1]
+    if not 16 <= d <= MAX_D:
+        reasons.append(f"head_dim {d} outside [16, {MAX_D}] (fp32 accumulator of {MAX_HEAD_BLOCK} heads x D "
+                       "must fit the register file)")
+    if sink.dtype != torch.float32:
+        reasons.append(f"sink dtype {sink.dtype} not supported (float32)")
+    return reasons
+
+
+@register("sparse_attn", "triton", "cuda", available=triton_availability, supports=_supports,
+          note="Triton split-K online softmax over index lists (shared-KV MQA, sinks)")
+def sparse_attn_triton(q, kv, sink, idx, scale):
+    import triton.language as tl
+    from .tl_helpers import dot_precision, tl_dtype
+    kern = _kernels()
+    b, s, h, d = q.shape
+    n, k = kv.shape[1], idx.shape[-1]
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    kv = kv if kv.stride(-1) == 1 else kv.contiguous()
+    idx = idx if idx.stride(-1) == 1 else idx.contiguous()
+    sink = sink.contiguous()
+    out = torch.empty(b, s, h, d, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    interp = interpret_mode()
+    dot_dt = tl.float32 if interp else tl_dtype(q.dtype)
+    block_h = min(MAX_HEAD_BLOCK, max(16, _next_pow2(h)))
+    n_hblocks = -(-h // block_h)
+    n_splits, per = plan_splits(b * s * n_hblocks, k, num_sms(q.device), BLOCK_N if interp else MIN_SPLIT_ROWS)
+    split = n_splits > 1
+    if split:
+        part_o = torch.empty(b * s * n_splits * h * d, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(b * s * n_splits * h * 2, dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_ml = out  # unused
+    meta = dict(OUT_DT=tl_dtype(q.dtype), INTERPRET=interp)
+    # grid axis 0 = (query, head block) with the head block fastest, so the programs that read the same kv
+    # rows run side by side (L2 reuse); axis 1 = splits
+    launch(kern.sparse_attn_kernel, (b * s * n_hblocks, n_splits),
+           q, kv, sink, idx, out, part_o, part_ml, s, h, n, k, d, float(scale), per, n_splits, n_hblocks,
+           q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), idx.stride(0), idx.stride(1),
+           out.stride(0), out.stride(1), out.stride(2),
+           SPLIT=split, DOT_DT=dot_dt, PREC=dot_precision(dot_dt), BLOCK_H=block_h, BLOCK_N=BLOCK_N,
+           BLOCK_D=_next_pow2(d), num_warps=8 if block_h * d >= 8192 else 4, num_stages=2, **meta)
+    if split:
+        launch(kern.sparse_attn_combine_kernel, (b * s * h,),
+               part_o, part_ml, sink, out, s, h, d, n_splits, out.stride(0), out.stride(1), out.stride(2),
+               BLOCK_D=_next_pow2(d), num_warps=4, **meta)
+    return out

@@ -1,0 +1,104 @@
+"""Triton kernels of sparse_attn: split-K online softmax over index lists, and the combine of the splits
+(see attention.py for the provider and the design notes)."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .tl_helpers import cast_out
+
+
+@triton.jit
+def sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, out_ptr, part_o_ptr, part_ml_ptr,
+                       S, H, N, K, D, scale, blocks_per_split, n_splits, n_hblocks,
+                       stride_qb, stride_qs, stride_qh, stride_kvb, stride_kvn, stride_ib, stride_is,
+                       stride_ob, stride_os, stride_oh,
+                       SPLIT: tl.constexpr, OUT_DT: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
+                       INTERPRET: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+    """One program: one query (b, s), BLOCK_H heads, one split of the index list.
+
+    The kv rows of a block are gathered once and serve as keys (logits, q @ rows^T) and as values
+    (p @ rows): shared-KV MQA. Invalid indices (-1, or outside [0, N)) load nothing and get logit -inf.
+    Without SPLIT the program finishes the softmax with the sink and writes the output; with SPLIT it writes
+    its unnormalised partial (acc, running max m, running sum l) for sparse_attn_combine_kernel."""
+    pid_h = tl.program_id(0) % n_hblocks
+    pid_q = (tl.program_id(0) // n_hblocks).to(tl.int64)   # 64-bit offsets: long prefill chunks
+    pid_sp = tl.program_id(1)
+    b = pid_q // S
+    s = pid_q % S
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_h = offs_h < H
+    mask_d = offs_d < D
+    q_ptrs = q_ptr + b * stride_qb + s * stride_qs + offs_h[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=mask_h[:, None] & mask_d[None, :], other=0.0).to(DOT_DT)
+
+    m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
+    k_begin = pid_sp * blocks_per_split * BLOCK_N
+    k_end = tl.minimum(K, k_begin + blocks_per_split * BLOCK_N)
+    idx_row = idx_ptr + b * stride_ib + s * stride_is
+    kv_b = kv_ptr + b * stride_kvb
+    for k0 in range(k_begin, k_end, BLOCK_N):
+        offs_k = k0 + tl.arange(0, BLOCK_N)
+        ids = tl.load(idx_row + offs_k, mask=offs_k < k_end, other=-1)
+        valid = (ids >= 0) & (ids < N)
+        rows = tl.load(kv_b + ids[:, None].to(tl.int64) * stride_kvn + offs_d[None, :],
+                       mask=valid[:, None] & mask_d[None, :], other=0.0).to(DOT_DT)     # [BLOCK_N, BLOCK_D]
+        logits = tl.dot(q, tl.trans(rows), input_precision=PREC) * scale             # [BLOCK_H, BLOCK_N]
+        logits = tl.where(valid[None, :], logits, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # all-invalid so far: keep exp() finite
+        alpha = tl.exp(m_i - m_use)
+        p = tl.exp(logits - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DT), rows, input_precision=PREC)
+        m_i = m_new
+
+    if SPLIT:
+        part = (pid_q * n_splits + pid_sp) * H
+        tl.store(part_o_ptr + (part + offs_h[:, None]) * D + offs_d[None, :], acc,
+                 mask=mask_h[:, None] & mask_d[None, :])
+        tl.store(part_ml_ptr + (part + offs_h) * 2, m_i, mask=mask_h)
+        tl.store(part_ml_ptr + (part + offs_h) * 2 + 1, l_i, mask=mask_h)
+    else:
+        sink = tl.load(sink_ptr + offs_h, mask=mask_h, other=0.0)
+        m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+        denom = l_i + tl.exp(sink - m_use)
+        o = acc / tl.where(denom > 0, denom, 1.0)[:, None]   # denom 0: no valid index and sink -inf, acc is 0
+        o_ptrs = out_ptr + b * stride_ob + s * stride_os + offs_h[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, cast_out(o, OUT_DT, INTERPRET), mask=mask_h[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def sparse_attn_combine_kernel(part_o_ptr, part_ml_ptr, sink_ptr, out_ptr, S, H, D, n_splits,
+                               stride_ob, stride_os, stride_oh,
+                               OUT_DT: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge the n_splits partials of one (query, head) in split order:
+    M = max m_i; l = sum l_i e^(m_i - M); acc = sum acc_i e^(m_i - M); o = acc / (l + e^(sink - M)), 0 when the
+    denominator is 0 (no valid index and sink -inf). A split without valid indices has m_i = -inf, weight 0."""
+    pid = tl.program_id(0)
+    q_row = (pid // H).to(tl.int64)
+    h = pid % H
+    b = q_row // S
+    s = q_row % S
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    base = q_row * n_splits * H + h
+    m_max = tl.load(part_ml_ptr + base * 2)
+    for i in range(1, n_splits):
+        m_max = tl.maximum(m_max, tl.load(part_ml_ptr + (base + i * H) * 2))
+    m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
+    wgt = tl.exp(tl.load(part_ml_ptr + base * 2) - m_use)
+    l_sum = tl.load(part_ml_ptr + base * 2 + 1) * wgt
+    acc = tl.load(part_o_ptr + base * D + offs_d, mask=mask_d, other=0.0) * wgt
+    for i in range(1, n_splits):
+        wgt = tl.exp(tl.load(part_ml_ptr + (base + i * H) * 2) - m_use)
+        l_sum += tl.load(part_ml_ptr + (base + i * H) * 2 + 1) * wgt
+        acc += tl.load(part_o_ptr + (base + i * H) * D + offs_d, mask=mask_d, other=0.0) * wgt
+    denom = l_sum + tl.exp(tl.load(sink_ptr + h) - m_use)
+    o = acc / tl.where(denom > 0, denom, 1.0)
+    o_ptrs = out_ptr + b * stride_ob + s * stride_os + h * stride_oh + offs_d
+    tl.store(o_ptrs, cast_out(o, OUT_DT, INTERPRET), mask=mask_d)

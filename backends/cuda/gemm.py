@@ -1,0 +1,149 @@
+"""Triton providers of `fp8_linear` and `fp4_linear` (block-scaled GEMMs), and the FP4 -> FP8 weight conversion.
+
+fp8_linear: x is quantised per row in blocks of 128 by the registry's `quant_fp8` op (whatever provider the
+active backend picks; its result is bit-exact by contract), then one Triton GEMM multiplies fp8 x fp8 on the
+tensor cores, 128 deep at a time, and adds each partial product times a_s[m, kb] * w_s[n/128, kb] into an fp32
+accumulator, as DeepSeek's fp8_gemm does. Output in x's dtype.
+
+fp4_linear: same activation quantisation; the packed e2m1 weight and its per-32 scales are unpacked in-kernel
+and both operands are dequantised exactly to bf16 (fp8 * 2^k and e2m1 * 2^k have at most 4 significant bits),
+so a bf16 tensor-core product with fp32 accumulation reproduces the exact-product sum of the reference. It runs
+at bf16 MMA rate. On Hopper (no FP4 MMA) the faster route for FP4 weights is to convert them once at load time
+with `fp4_weight_as_fp8` (exact, see below) and use fp8_linear.
+
+Configs are fixed per M bucket (no autotuning, no host syncs): decode-sized M uses narrow tiles so that the
+weight stream is spread over enough programs; M > 64 uses 128x128 tiles, 8 warps, 3 stages (Hopper-sized).
+Results are therefore not batch-invariant across M buckets (each bucket is deterministic); moe_experts is the op
+whose contract needs invariance (see moe.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from dsv4_portable import ops
+from dsv4_portable.devices import interpret_mode
+from dsv4_portable.reference.quant import FP8_LINEAR_BLOCK, fp4_to_fp8_weight
+from dsv4_portable.registry import register
+
+from .common import capability, device_reasons, triton_availability
+from .launch import launch
+
+_FLOAT_OUT = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _kernels():
+    from . import gemm_kernels
+    return gemm_kernels
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    # interpreter: a small virtual GPU so that tiny test shapes take the decode paths; meta tensors (the
+    # offline compile check): an H100's 132 SMs
+    return 8 if interpret_mode() else 132
+
+
+def plan_tiles(m: int, n: int, num_sms: int) -> dict:
+    """Fixed tile configs by M bucket (decode, small batch, prefill); BLOCK_N narrows until the grid covers
+    the GPU so that a decode GEMM streams its weight through enough SMs."""
+    if m > 64:
+        return dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)
+    block_m = 16 if m <= 16 else 64
+    block_n = 128
+    while block_n > 32 and -(-m // block_m) * -(-n // block_n) < num_sms:
+        block_n //= 2
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8, num_warps=4, num_stages=4)
+
+
+def _common_reasons(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, min_cc: tuple[int, int],
+                    what: str) -> list[str]:
+    reasons = device_reasons(x, w, w_scale)
+    if x.dtype not in _FLOAT_OUT:
+        reasons.append(f"x dtype {x.dtype} not supported (bf16, fp16, fp32; fp64 runs on the reference)")
+    if w_scale.dtype not in (torch.float32, torch.float8_e8m0fnu):
+        reasons.append(f"w_scale dtype {w_scale.dtype} not supported (float32 or float8_e8m0fnu)")
+    if not w.is_contiguous() or not w_scale.is_contiguous():
+        reasons.append("w and w_scale must be contiguous (weights are prepared once at load)")
+    if not interpret_mode() and torch.cuda.is_available() and capability() < min_cc:
+        reasons.append(f"{what} needs compute capability >= {min_cc[0]}.{min_cc[1]}, this GPU is "
+                       f"{capability()[0]}.{capability()[1]}")
+    return reasons
+
+
+def _supports_fp8(x, w, w_scale, scale_fmt="ue8m0"):
+    return _common_reasons(x, w, w_scale, (8, 9), "fp8 tl.dot")
+
+
+def _supports_fp4(x, w, w_scale, scale_fmt="ue8m0"):
+    return _common_reasons(x, w, w_scale, (8, 0), "bf16 tl.dot")
+
+
+def _scale_arg(w_scale: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """e8m0 scales go in as their exponent bytes (decoded in-kernel, no conversion pass)."""
+    if w_scale.dtype == torch.float8_e8m0fnu:
+        return w_scale.view(torch.uint8), True
+    return w_scale, False
+
+
+def _quantised_rows(x: torch.Tensor, scale_fmt):
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, xs = ops.quant_fp8(x2, FP8_LINEAR_BLOCK, scale_fmt)
+    return xq.contiguous(), xs.float().contiguous()
+
+
+@register("fp8_linear", "triton", "cuda", available=triton_availability, supports=_supports_fp8,
+          note="Triton block-scaled FP8 GEMM; activations via the registry's quant_fp8")
+def fp8_linear_triton(x, w, w_scale, scale_fmt="ue8m0"):
+    from .tl_helpers import tl_dtype
+    k_mod = _kernels()
+    n, k = w.shape
+    xq, xs = _quantised_rows(x, scale_fmt)
+    m = xq.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m and n:
+        cfg = plan_tiles(m, n, _num_sms(x.device))
+        ws, e8m0 = _scale_arg(w_scale)
+        grid = (_cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]),)
+        launch(k_mod.fp8_gemm_kernel, grid, xq, xs, w, ws, out, m, n, k, xq.stride(0), out.stride(0),
+               BS_E8M0=e8m0, OUT_DT=tl_dtype(x.dtype), INTERPRET=interpret_mode(), **cfg)
+    return out.view(*x.shape[:-1], n)
+
+
+@register("fp4_linear", "triton", "cuda", available=triton_availability, supports=_supports_fp4,
+          note="Triton FP8 x FP4 GEMM, FP4 unpacked in-kernel, exact bf16 dequantised operands")
+def fp4_linear_triton(x, w, w_scale, scale_fmt="ue8m0"):
+    import triton.language as tl
+    from .tl_helpers import tl_dtype
+    k_mod = _kernels()
+    n, k = w.shape[0], 2 * w.shape[1]
+    xq, xs = _quantised_rows(x, scale_fmt)
+    m = xq.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m and n:
+        cfg = plan_tiles(m, n, _num_sms(x.device))
+        ws, e8m0 = _scale_arg(w_scale)
+        grid = (_cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]),)
+        interp = interpret_mode()
+        launch(k_mod.fp4_gemm_kernel, grid, xq, xs, w.view(torch.uint8), ws, out, m, n, k, xq.stride(0),
+               out.stride(0), BS_E8M0=e8m0, OUT_DT=tl_dtype(x.dtype), DOT_DT=tl.float32 if interp else tl.bfloat16,
+               INTERPRET=interp, BLOCK_K=64, **cfg)
+    return out.view(*x.shape[:-1], n)
+
+
+def fp4_weight_as_fp8(w: torch.Tensor, w_scale: torch.Tensor):
+    """Load-time conversion of an FP4 weight (packed [N, K/2], scales [N, K/32]) to an FP8 block weight
+    (e4m3 [N, K], float32 scales [N/128, K/128]) with identical values (reference.fp4_to_fp8_weight: per
+    128x128 block the new scale is max(sub-scales)/2^6; it raises if a block cannot be converted exactly).
+
+    How a weights-prep step should use it (Hopper and any GPU without FP4 MMA): convert every FP4 expert
+    matrix once after loading (`moe.experts_fp4_as_fp8` does that for an ExpertWeights), keep only the FP8
+    copy, and run fp8_linear / moe_experts on it at FP8 MMA speed, for 2x the FP4 weight memory. The dequantised
+    weights are bitwise equal, so the reference gives the same bits for both forms; the Triton FP8 and FP4
+    paths agree with it within the op tolerance (their accumulation orders differ). If a block raises, keep
+    that expert in FP4 (fp4_linear / the fp4 path of moe_experts computes it exactly)."""
+    return fp4_to_fp8_weight(w, w_scale)

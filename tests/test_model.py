@@ -199,3 +199,23 @@ def test_unknown_device_and_dtype(ckpt):
         dsv4.load_model(ckpt, dtype="int8", quiet=True)
     with pytest.raises(CheckpointError, match="does not exist"):
         dsv4.load_model(pathlib.Path("/nonexistent"), quiet=True)
+
+
+def test_text_prompts_with_tokenizer_json(ckpt, tmp_path):
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    d = tmp_path / "with_tok"
+    shutil.copytree(ckpt, d)
+    vocab = {w: i for i, w in enumerate(["<s>", "</s>", "[UNK]", "the", "quick", "brown", "fox"])}
+    vocab.update({f"w{i}": i for i in range(len(vocab), CFG.vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(d / "tokenizer.json"))
+    m = dsv4.load_model(d, quiet=True)
+    assert m.encode("the quick brown fox") == [3, 4, 5, 6]
+    out = m.generate("the quick brown fox", max_new_tokens=4)
+    same = m.generate([[3, 4, 5, 6]], max_new_tokens=4)
+    assert out.tokens == same.tokens and out.texts == [tok.decode(out.tokens[0])]
+    with pytest.raises(ModelInputError, match="no tokenizer.json"):
+        dsv4.load_model(ckpt, quiet=True).generate("text needs a tokenizer")

@@ -23,6 +23,8 @@ def devices_main(args) -> int:
         load_errors = b.load_providers()
         reasons = b.availability()
         status = "available" if not reasons else "unavailable: " + "; ".join(reasons)
+        if not reasons and b.simulated():
+            status += f" (simulated: {b.simulated()})"
         print(f"{name:7s} (device type {b.device_type}): {status}")
         for e in load_errors:
             print(f"        provider module not loaded: {e}")
@@ -73,8 +75,10 @@ def run_main(args) -> int:
     out = model.generate([prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_p=args.top_p, seed=args.seed, cache_layout=args.cache_layout, progress=True)
     counts = registry.provider_counts()
+    simulated = registry.get_backend(args.device).simulated()
+    device = args.device + (f" [simulated: {simulated}]" if simulated else "")
     summary = {
-        "model": str(model.path), "device": args.device, "dtype": args.dtype, "weights": args.weights,
+        "model": str(model.path), "device": device, "dtype": args.dtype, "weights": args.weights,
         "quant_sim": not args.no_quant_sim, "prompt_tokens": out.prefill_tokens,
         "generated_tokens": out.tokens[0], "text": out.texts[0] if out.texts else None,
         "prefill_tokens_per_s": round(out.prefill_tps, 2), "decode_tokens_per_s": round(out.decode_tps, 2),
@@ -96,7 +100,7 @@ def run_main(args) -> int:
         print(f"  {op:15s} " + ", ".join(f"{p} x{n}" for p, n in per.items()))
     vendor = sum(n for per in counts.values() for p, n in per.items() if p != "reference")
     total = sum(n for per in counts.values() for n in per.values())
-    print(f"summary: {len(out.tokens[0])} tokens on {args.device}; {vendor} of {total} op calls ran a backend "
+    print(f"summary: {len(out.tokens[0])} tokens on {device}; {vendor} of {total} op calls ran a backend "
           f"provider, {total - vendor} the reference")
     return 0
 

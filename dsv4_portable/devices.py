@@ -14,6 +14,8 @@ from .registry import Backend, add_backend
 
 
 def cuda_availability() -> list[str]:
+    if cuda_simulated():
+        return []
     if not torch.cuda.is_available():
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         return [f"no CUDA device visible to torch (torch {torch.__version__} is {build})"]
@@ -34,10 +36,18 @@ def ascend_availability() -> list[str]:
     return []
 
 
+def cuda_simulated() -> str | None:
+    """With TRITON_INTERPRET=1 and no GPU, the cuda backend runs its Triton kernels on CPU tensors (slow; a check
+    of the kernels' indexing, masking and reductions). Vendor providers stay unavailable (they need a GPU)."""
+    if interpret_mode() and not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+        return "Triton interpreter on CPU tensors (TRITON_INTERPRET=1): not a GPU result"
+    return None
+
+
 CPU = add_backend(Backend("cpu", "cpu", [], [], None, "The pure-PyTorch reference."))
 CUDA = add_backend(Backend(
     "cuda", "cuda", ["flash_mla", "deep_gemm", "triton"], ["dsv4_portable.backends.cuda"], cuda_availability,
-    "Needs an NVIDIA GPU and a CUDA build of torch; Triton kernels need `pip install triton`."))
+    "Needs an NVIDIA GPU and a CUDA build of torch; Triton kernels need `pip install triton`.", cuda_simulated))
 ASCEND = add_backend(Backend(
     "ascend", "npu", ["cann", "triton_ascend"], ["dsv4_portable.backends.ascend"], ascend_availability,
     "Needs an Ascend NPU with CANN and the matching torch_npu; see README 'Ascend'."))

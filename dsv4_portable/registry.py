@@ -340,7 +340,13 @@ class Backend:
     modules: list[str]  # modules whose import registers this backend's providers
     available_fn: Callable[[], list[str]] | None = None
     help: str = ""
+    # Returns a description when the backend runs simulated on CPU tensors (Triton interpreter, Ascend spec
+    # stand-in): a correctness check of its providers, never a device result. None on real hardware.
+    simulated_fn: Callable[[], str | None] | None = None
     _loaded: bool = False
+
+    def simulated(self) -> str | None:
+        return self.simulated_fn() if self.simulated_fn else None
 
     def availability(self) -> list[str]:
         return list(self.available_fn()) if self.available_fn else []
@@ -358,7 +364,7 @@ class Backend:
         return errors
 
     def torch_device(self) -> torch.device:
-        return torch.device(self.device_type)
+        return torch.device("cpu" if self.simulated() else self.device_type)
 
 
 BACKENDS: dict[str, Backend] = {}

@@ -525,6 +525,21 @@ def check_cuda_backend_dispatches_to_triton():
     assert [p for p, status, _ in plan if status == "chosen"] == ["reference"]
 
 
+def check_hadamard():
+    """Rows of 16..256 (V4's indexer: 128) in fp32, bf16 and fp16, ragged row counts, a strided head view; the
+    result is orthonormal (norm kept) and within the op tolerance of the reference butterfly."""
+    g = _gen(11)
+    for d in (16, 128, 256):
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.randn(3, 37, d, generator=g).to(dt)
+            out = _run("hadamard", x)
+            _assert_tol("hadamard", out, _ref("hadamard", x), f"hadamard d={d} {dt}")
+            if dt == torch.float32:
+                torch.testing.assert_close(out.norm(dim=-1), x.norm(dim=-1), rtol=1e-5, atol=1e-5)
+    q = torch.randn(5, 4, 256, generator=g)[..., :128]       # a slice of the last dim: strided rows
+    _assert_tol("hadamard", _run("hadamard", q), _ref("hadamard", q), "hadamard strided rows")
+
+
 CHECKS = {name[len("check_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("check_")}
 
 
@@ -564,6 +579,7 @@ def v4_cases():
         ("fp4_roundtrip indexer q", "fp4_roundtrip", (e(1, 64, 64, 128), 32)),
         ("rms_norm hidden", "rms_norm", (e(4096, 4096), e(4096, dt=f32), 1e-6)),
         ("rms_norm q heads (no weight)", "rms_norm", (e(1, 64, 64, 512), None, 1e-6)),
+        ("hadamard indexer q prefill", "hadamard", (e(1, 4096, 64, 128),)),
         ("rope q decode", "rope", (e(64, 1, 64, 512), e(64, 1, 32, dt=f32), e(64, 1, 32, dt=f32), False)),
         ("rope o inverse prefill", "rope", (e(1, 4096, 64, 512), e(1, 4096, 32, dt=f32), e(1, 4096, 32, dt=f32), True)),
         ("hc_pre decode", "hc_pre", (e(1, 1, 4, 4096), e(24, 16384, dt=f32), e(3, dt=f32), e(24, dt=f32))),
@@ -652,7 +668,7 @@ def test_kernels_compile_for_sm90_at_v4_sizes():
     pytest.importorskip("triton")
     recs = _spawn("compile", timeout=600)["records"]
     kernels = {r["kernel"] for r in recs}
-    assert kernels >= set(STREAMING) | {"hc_mix_kernel", "compress_entry_kernel", "route_logits_kernel",
+    assert kernels >= set(STREAMING) | {"hadamard_kernel", "hc_mix_kernel", "compress_entry_kernel", "route_logits_kernel",
                                         "route_select_kernel"}, kernels
     for r in recs:
         assert r["shared_bytes"] <= 232448, f"{r['case']}: {r['kernel']} needs {r['shared_bytes']} B smem"

@@ -1,0 +1,105 @@
+"""`dsv4 conformance`: run the suite on one device and write the report (JSON Lines + markdown summary)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import sys
+import time
+
+
+def add_conformance_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda or ascend")
+    p.add_argument("--ops", default=None, help="comma-separated op names (default: every op)")
+    p.add_argument("--providers", default="chosen",
+                   help="'chosen' (what dispatch picks per case), 'all' (every provider of the device and the "
+                        "reference) or one provider name")
+    p.add_argument("--interpret", action="store_true",
+                   help="run the cuda backend's Triton kernels on CPU tensors under TRITON_INTERPRET=1 (slow; a "
+                        "correctness check of the kernels, never a GPU result)")
+    p.add_argument("--ep", type=int, default=0, metavar="N",
+                   help="also run the expert-parallel cases at world sizes 1, 2, 4, 8 up to N")
+    p.add_argument("--seed", type=int, default=0, help="added to every case's seed")
+    p.add_argument("--out", default="conformance-report.jsonl", help="JSON Lines report; the .md summary goes beside")
+
+
+def conformance_main(args) -> int:
+    if args.interpret:
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("--interpret must be set before triton is imported; run it in a fresh process")
+        os.environ["TRITON_INTERPRET"] = "1"       # read by triton.jit when the kernel modules are first imported
+    from dsv4_portable import registry
+    from dsv4_portable import devices  # noqa: F401  (defines the backends)
+
+    from .cases import all_cases
+    from .records import CaseRecord
+    from .report import FAILED, write_report
+    from .runner import device_name, run_cases, versions
+
+    backend = registry.get_backend(args.device)              # unknown device: error before anything runs
+    cases = all_cases()
+    if args.ops:
+        wanted = [o.strip() for o in args.ops.split(",") if o.strip()]
+        unknown = [o for o in wanted if o not in registry.OPS]
+        if unknown:
+            raise ValueError(f"unknown op(s) {', '.join(unknown)} (ops: {', '.join(registry.OPS)})")
+        cases = [c for c in cases if c.op in wanted]
+    if args.ep < 0:
+        raise ValueError(f"--ep must be >= 0, got {args.ep}")
+    cases = [dataclasses.replace(c, seed=c.seed + args.seed) for c in cases]
+    backend = registry.set_backend(args.device)               # unavailable device: error with the reasons
+    if args.providers not in ("chosen", "all"):
+        for c in cases:                                       # a misspelt provider fails now, not per case
+            registry.get_op(c.op).provider(args.providers, backend.device_type)
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    records = run_cases(cases, backend, args.providers, progress)
+    if args.ep:
+        records += _ep_records(args.device, [w for w in (1, 2, 4, 8) if w <= args.ep], progress,
+                               device_name(backend), versions(), CaseRecord)
+    if backend.device_type == "npu" and not backend.simulated():
+        records += _vendor_spec_records(progress, device_name(backend), versions(), CaseRecord)
+    title = f"dsv4 conformance --device {args.device}" + (" (Triton interpreter)" if args.interpret else "")
+    md = write_report(records, pathlib.Path(args.out), title)
+    bad = sum(r.status in FAILED for r in records)
+    passed = sum(r.status == "pass" for r in records)
+    skipped = sum(r.status == "skip" for r in records)
+    print(f"summary: {passed} passed, {bad} failed, {skipped} skipped of {len(records)} records on "
+          f"{device_name(backend)} in {time.perf_counter() - t0:.1f} s; report {args.out}, summary {md}")
+    return 1 if bad else 0
+
+
+def _error_record(CaseRecord, section, op, message, device, vers):
+    return CaseRecord(section, op, f"{section}/unavailable", 0, "-", {}, device, vers, {}, {}, status="error",
+                      message=message)
+
+
+def _ep_records(device, world_sizes, progress, dev_name, vers, CaseRecord):
+    try:
+        from dsv4_portable.ep.conformance import ep_records
+    except ImportError as e:
+        return [_error_record(CaseRecord, "ep", "ep", f"the EP cases cannot run: {e}", dev_name, vers)]
+    return ep_records(device, world_sizes, progress)
+
+
+def _vendor_spec_records(progress, dev_name, vers, CaseRecord):
+    try:
+        from .ascend_spec.vendor_check import vendor_spec_records
+    except ImportError as e:
+        return [_error_record(CaseRecord, "vendor_spec", "vendor_spec", f"vendor-op-vs-spec cases cannot run: {e}",
+                              dev_name, vers)]
+    return vendor_spec_records(progress=progress)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="dsv4 conformance")
+    add_conformance_args(p)
+    return conformance_main(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

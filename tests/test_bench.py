@@ -1,0 +1,135 @@
+"""`dsv4 bench` on CPU with --small: JSON structure, FLOP/byte counts against hand-derived values, the reference
+size cap, roofline percentages, GPU-name peak lookup and clear errors. (No timing is asserted: CPU times say
+nothing about speed.)"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from dsv4_portable import bench, cli
+from dsv4_portable.registry import OpInputError, UnknownDeviceError
+
+
+def _run(tmp_path, *extra):
+    p = argparse.ArgumentParser()
+    bench.add_bench_args(p)
+    out = tmp_path / "bench.json"
+    args = p.parse_args(["--device", "cpu", "--small", "--json", str(out), *extra])
+    rc = bench.bench_main(args)
+    return rc, json.loads(out.read_text())
+
+
+def _case(report, op, phase):
+    (c,) = [c for c in report["cases"] if c["op"] == op and c["phase"] == phase]
+    return c
+
+
+def test_cpu_small_json_structure_and_counts(tmp_path, capsys):
+    rc, rep = _run(tmp_path, "--ops", "fp8_linear,rms_norm,sparse_attn")
+    assert rc == 0
+    h = rep["header"]
+    assert h["peaks"] is None and "NOT GPU figures" in h["note"] and "no percent of peak" in h["peaks_note"]
+    assert h["phases"] == ["prefill", "decode"] and h["config"] == "tiny (--small)"
+    assert [(c["op"], c["phase"]) for c in rep["cases"]] == [
+        (op, ph) for ph in ("prefill", "decode") for op in ("fp8_linear", "rms_norm", "sparse_attn")]
+    for c in rep["cases"]:
+        (r,) = c["results"]                       # cpu backend: the reference only
+        assert r["provider"] == "reference" and r["status"] == "timed" and r["ms"] > 0
+        assert r["pct_of_peak"] is None and r["speed_vs_fastest_vendor"] is None
+        assert r["speedup_vs_reference"] == 1.0
+        assert r["gbps"] == pytest.approx(c["bytes"] / (r["ms"] / 1e3) / 1e9)
+        assert r["tflops"] == pytest.approx(c["flops"] / (r["ms"] / 1e3) / 1e12)
+    assert rep["summary"] == {"cases": 6, "timed": 6, "declined": 0, "skipped": 0, "error": 0}
+
+    # tiny preset: dim 256, o_groups 2 x o_lora 128, 4 heads of 128, window 16, top-k 8; --small: 64 prefill
+    # tokens, decode batch 2 at context 256.
+    gemm = _case(rep, "fp8_linear", "prefill")   # wo_b: M=64 tokens, N=dim=256, K=2*128=256
+    assert gemm["shape"] == {"M": 64, "N": 256, "K": 256}
+    assert gemm["flops"] == 2 * 64 * 256 * 256 == 8_388_608
+    # x bf16 64*256*2 + w fp8 256*256 + fp32 block scales 2*2*4 + y bf16 64*256*2
+    assert gemm["bytes"] == 32_768 + 65_536 + 16 + 32_768
+    norm = _case(rep, "rms_norm", "decode")      # x [2, 256] bf16 read + y written + bf16 weight [256]
+    assert norm["flops"] == 0 and norm["bytes"] == 2 * 2 * 256 * 2 + 256 * 2 == 2_560
+    attn = _case(rep, "sparse_attn", "decode")   # B=2, H=4, D=128, K=16+8=24 over N=16+256/4=80 rows
+    assert attn["shape"] == {"B": 2, "S": 1, "H": 4, "D": 128, "K": 24, "N": 80}
+    assert attn["flops"] == 4 * 2 * 4 * 24 * 128 == 98_304
+    # q + o bf16 2*(2*4*128*2), idx int32 2*24*4, sink fp32 4*4, 48 gathered kv rows of 128 bf16
+    assert attn["bytes"] == 4_096 + 192 + 16 + 48 * 128 * 2
+
+    out = capsys.readouterr()
+    assert "NOT GPU figures" in out.out and "fp8_linear prefill" in out.out
+    assert "[6/6] sparse_attn decode: reference" in out.err and "summary: 6 cases, 6 provider timings" in out.err
+
+
+def test_reference_cap_skips_with_reason(tmp_path, monkeypatch):
+    monkeypatch.setitem(bench.REFERENCE_CAPS, "cpu", {"default": (1e6, 1e9)})
+    rc, rep = _run(tmp_path, "--ops", "fp8_linear,rms_norm", "--phase", "prefill")
+    assert rc == 0
+    gemm, norm = rep["cases"]
+    (r,) = gemm["results"]
+    assert r["status"] == "skipped" and "ms" not in r
+    assert "8.39e+06 FLOP" in r["reasons"][0] and "reference cap of 1e+06 FLOP" in r["reasons"][0]
+    assert norm["results"][0]["status"] == "timed"   # 0 FLOP, under the cap
+    assert rep["summary"]["skipped"] == 1 and rep["summary"]["timed"] == 1
+
+
+def test_roofline_percent_hand_derived():
+    case = bench.Case("x", "prefill", "", {}, flops=1e12, bytes=1e9, mma="bf16", build=None)
+    peaks = {"hbm": 3.35e12, "fp32": 67e12, "bf16": 989e12, "fp8": 1979e12}
+    r = bench._rates(case, 2.0, peaks)                 # 1e12 FLOP / 989e12 FLOP/s = 1.0111 ms > 1e9 / 3.35e12 s
+    assert r["bound"] == "compute" and r["pct_of_peak"] == pytest.approx(100 * 1.0111223 / 2.0, rel=1e-6)
+    assert r["tflops"] == pytest.approx(500.0) and r["gbps"] == pytest.approx(500.0)
+    mem = bench.Case("y", "decode", "", {}, flops=0, bytes=3.35e9, mma="bf16", build=None)
+    r = bench._rates(mem, 4.0, peaks)                  # 3.35e9 B at 3.35e12 B/s = 1 ms of 4 ms
+    assert r["bound"] == "memory" and r["pct_of_peak"] == pytest.approx(25.0)
+
+
+def test_gpu_name_lookup():
+    assert bench.peaks_for_name("NVIDIA H100 80GB HBM3")[0]["hbm"] == 3.35e12
+    assert bench.peaks_for_name("NVIDIA H200")[0]["hbm"] == 4.8e12
+    assert bench.peaks_for_name("NVIDIA H800")[0]["bf16"] == 989e12
+    assert bench.peaks_for_name("NVIDIA H100 PCIe")[0]["hbm"] == 2.0e12   # not the SXM figures
+    assert bench.peaks_for_name("NVIDIA H800 PCIe")[0] is None            # no entry: no guess
+    peaks, note = bench.peaks_for_name("NVIDIA A100-SXM4-80GB")
+    assert peaks is None and "unknown GPU" in note
+
+
+def test_unknown_op_and_device_error_clearly(tmp_path, capsys):
+    with pytest.raises(OpInputError, match="unknown op 'no_such_op'.*known ops:.*sparse_attn"):
+        _run(tmp_path, "--ops", "rms_norm,no_such_op")
+    p = argparse.ArgumentParser()
+    bench.add_bench_args(p)
+    with pytest.raises(UnknownDeviceError, match="unknown device 'tpu'.*cpu"):
+        bench.bench_main(p.parse_args(["--device", "tpu", "--small"]))
+    assert cli.main(["bench", "--device", "tpu", "--small"]) == 2
+    assert "error: unknown device 'tpu'" in capsys.readouterr().err
+    assert cli.main(["bench", "--device", "cpu", "--small", "--ops", "nope"]) == 2
+    assert "error: unknown op 'nope'" in capsys.readouterr().err
+
+
+def test_simulated_cuda_lists_vendors_and_ratios(tmp_path):
+    """--device cuda under the Triton interpreter (a subprocess: TRITON_INTERPRET must be set before Triton is
+    imported): vendor providers are listed with their reasons, Triton and the reference are timed side by side,
+    and the run is labelled as simulated with no percent of peak."""
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "sim.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "dsv4_portable.cli", "bench", "--device", "cuda", "--small",
+                           "--ops", "rms_norm,sparse_attn", "--phase", "decode", "--warmup", "0", "--reps", "2",
+                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(out.read_text())
+    assert "simulated" in rep["header"]["device"] and rep["header"]["peaks"] is None
+    assert "NOT GPU figures" in rep["header"]["note"]
+    rows = {r["provider"]: r for r in _case(rep, "sparse_attn", "decode")["results"]}
+    assert list(rows) == ["flash_mla", "triton", "reference"]
+    assert rows["flash_mla"]["status"] == "declined" and "FlashMLA" in rows["flash_mla"]["reasons"][0]
+    tri, ref = rows["triton"], rows["reference"]
+    assert tri["status"] == ref["status"] == "timed" and tri["pct_of_peak"] is None
+    assert tri["speedup_vs_reference"] == pytest.approx(ref["ms"] / tri["ms"])
+    assert tri["speed_vs_fastest_vendor"] is None              # no vendor provider was timed
+    assert "flash_mla      declined:" in proc.stdout and proc.stderr.rstrip().splitlines()[-1].startswith("summary:")

@@ -280,8 +280,8 @@ def prepare(cfg: ModelConfig, raw: dict, formats: dict, dtype, device, weights: 
 
 
 def _prepare_linear(w, s, fmt, mode, dtype, dequant_always, scale_fmt):
-    if fmt == "bf16":
-        return Weight(w.to(dtype))
+    if fmt == "bf16":  # float storage; wo_a stays a plain tensor (the grouped einsum views it per group)
+        return w.to(dtype) if dequant_always else Weight(w.to(dtype))
     if mode == "bf16" or dequant_always:  # wo_a runs as a bf16 einsum, as in DeepSeek's reference
         full = Q.dequant_fp8_weight(w, s) if fmt == "fp8" else Q.dequant_fp4_weight(w, s)
         return full.to(dtype) if dequant_always else Weight(full.to(dtype))

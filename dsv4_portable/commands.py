@@ -56,29 +56,49 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-quant-sim", action="store_true", help="turn DeepSeek's QAT simulation off")
     p.add_argument("--cache-layout", default="auto", choices=["auto", "fp8", "plain"])
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--ep", type=int, default=1, metavar="N",
+                   help="expert parallelism over N local ranks (CPU gloo): experts sharded, the rest replicated, "
+                        "the batch split over ranks")
+
+
+def run_prompt(args, model):
+    if args.prompt is None:
+        return list(range(2, 34)) if model.tokenizer is None else "The quick brown fox"
+    if model.tokenizer is None or all(p.strip().isdigit() for p in args.prompt.split(",")):
+        try:
+            return [int(t) for t in args.prompt.split(",")]
+        except ValueError:
+            raise SystemExit(f"error: {args.model} has no tokenizer.json; --prompt must be comma-separated token ids")
+    return args.prompt
 
 
 def run_main(args) -> int:
     from .api import load_model
     registry.reset_counts()
-    model = load_model(args.model, device=args.device, dtype=args.dtype, weights=args.weights,
-                       quant_sim=not args.no_quant_sim)
-    if args.prompt is None:
-        prompt = list(range(2, 34)) if model.tokenizer is None else "The quick brown fox"
-    elif model.tokenizer is None or all(p.strip().isdigit() for p in args.prompt.split(",")):
-        try:
-            prompt = [int(t) for t in args.prompt.split(",")]
-        except ValueError:
-            raise SystemExit(f"error: {args.model} has no tokenizer.json; --prompt must be comma-separated token ids")
+    ep = getattr(args, "ep", 1)
+    if ep < 1:
+        raise SystemExit(f"error: --ep must be >= 1, got {ep}")
+    if ep > 1:
+        from .ep.model import run_ep
+        ranks = run_ep(args)
+        lead = ranks[0]
+        out, counts = lead["generation"], lead["providers"]
+        model_path = lead["path"]
+        print(f"ep: {ep} ranks over {lead['transport']}; experts per rank " +
+              ", ".join(f"{r['rank']}:{r['local_experts'][0]}-{r['local_experts'][-1]}" for r in ranks) +
+              f"; rank 0 ran {lead['moe_calls']} MoE exchanges, the others served them", file=sys.stderr)
     else:
-        prompt = args.prompt
-    out = model.generate([prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_p=args.top_p, seed=args.seed, cache_layout=args.cache_layout, progress=True)
-    counts = registry.provider_counts()
+        model = load_model(args.model, device=args.device, dtype=args.dtype, weights=args.weights,
+                           quant_sim=not args.no_quant_sim)
+        out = model.generate([run_prompt(args, model)], max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                             cache_layout=args.cache_layout, progress=True)
+        counts = registry.provider_counts()
+        model_path = model.path
     simulated = registry.get_backend(args.device).simulated()
     device = args.device + (f" [simulated: {simulated}]" if simulated else "")
     summary = {
-        "model": str(model.path), "device": device, "dtype": args.dtype, "weights": args.weights,
+        "model": str(model_path), "device": device, "ep": ep, "dtype": args.dtype, "weights": args.weights,
         "quant_sim": not args.no_quant_sim, "prompt_tokens": out.prefill_tokens,
         "generated_tokens": out.tokens[0], "text": out.texts[0] if out.texts else None,
         "prefill_tokens_per_s": round(out.prefill_tps, 2), "decode_tokens_per_s": round(out.decode_tps, 2),

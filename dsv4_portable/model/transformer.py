@@ -134,6 +134,7 @@ class MoE:
         self.experts: ExpertWeights = p[prefix + "experts"]
         self.shared: ExpertWeights = p[prefix + "shared_experts"]
         self.layer = layer
+        self.ep = None  # an ep.model.EPContext when the experts are sharded over ranks (dsv4 run --ep N)
 
     def __call__(self, x: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
         cfg = self.cfg
@@ -143,6 +144,8 @@ class MoE:
         ids = input_ids.reshape(-1) if self.hash else None
         w, idx = ops.moe_route(t, self.gate_w, self.bias, self.tid2eid, ids, cfg.n_activated_experts,
                                cfg.score_func, cfg.route_scale)
+        if self.ep is not None:
+            return self.ep.moe(self.layer, t, idx, w).view_as(x)
         y = ops.moe_experts(t, idx, w, self.experts, self.shared, cfg.swiglu_limit)
         return y.view_as(x)
 

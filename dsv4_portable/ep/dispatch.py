@@ -1,0 +1,312 @@
+"""EP dispatch and combine (DESIGN.md 4), DeepEP-shaped, over the torch.distributed transport.
+
+Dispatch (compact layout): each token goes once to every rank that holds at least one of its selected experts,
+with its row of x (or FP8 bytes plus per-128 scales), its K expert ids translated to that rank's local ids (-1
+for slots that live elsewhere), its K routing weights and its source index. Rows arrive ordered by source rank,
+then source index: the canonical order, so two runs receive identical tensors.
+
+Combine ("ordered", the canonical one): the receiver returns one row per processed (token, slot); the source puts
+them back in their slots and reduces in fp32, starting from the bias (the V4 shared expert) and adding slot
+k = 0..K-1 in order. With batch-invariant expert GEMMs this equals the single-device MoE bit for bit.
+Combine ("partial"): each receiving rank pre-reduces its slots of a token in fp32 and returns one row per
+token; the source adds bias and the per-rank partial sums in rank order. Fewer bytes, a different summation
+order: checked against a tolerance only.
+
+The functions here are split in a "plan" (sender side bookkeeping), the exchanges and the reductions so that the
+wave schedule (waves.py) can reuse them per wave; ep_dispatch / ep_combine are the one-shot forms.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..reference.quant import FP8_LINEAR_BLOCK, quant_fp8
+from .placement import ExpertPlacement
+from .transport import Comm, Field, from_bytes, pack, to_bytes, unpack
+
+COMBINE_MODES = ("ordered", "partial")
+
+
+class EPInputError(ValueError):
+    """An EP call with a missing, misshapen or wrongly typed argument."""
+
+
+@dataclass
+class EPHandle:
+    """Everything combine needs, plus the layout counts tests and reports look at.
+
+    Sender side (this rank's T tokens): `num_tokens_per_rank[R]` rows sent to each rank, `num_tokens_per_expert[P]`
+    slots routed to each physical expert, `send_token[S]` token of each sent row (rank order, then token order),
+    `slot_token` / `slot_k` every dispatched (token, slot) in the order the receivers return them (rank, token,
+    k), `topk_idx` physical ids [T, K], `topk_weights` [T, K].
+    Receiver side: `num_recv_per_rank[R]` rows from each source rank, `recv_src_rank` / `recv_src_index` global
+    source of every received row, `recv_topk_idx` local ids, `recv_topk_weights`, `num_recv_per_local_expert`,
+    `recv_slots_per_rank[R]` processed slots per source rank."""
+    rank: int
+    world_size: int
+    num_tokens: int
+    hidden: int
+    dtype: torch.dtype
+    topk_idx: torch.Tensor
+    topk_weights: torch.Tensor
+    num_tokens_per_rank: torch.Tensor
+    num_tokens_per_expert: torch.Tensor
+    send_token: torch.Tensor
+    slot_token: torch.Tensor
+    slot_k: torch.Tensor
+    slots_per_rank: list[int]
+    num_recv_per_rank: list[int] = field(default_factory=list)
+    recv_src_rank: torch.Tensor | None = None
+    recv_src_index: torch.Tensor | None = None
+    recv_topk_idx: torch.Tensor | None = None
+    recv_topk_weights: torch.Tensor | None = None
+    num_recv_per_local_expert: torch.Tensor | None = None
+    recv_slots_per_rank: list[int] = field(default_factory=list)
+
+    @property
+    def send_counts(self) -> list[int]:
+        return self.num_tokens_per_rank.tolist()
+
+
+def check_dispatch_args(x, topk_idx, topk_weights, placement: ExpertPlacement, world_size: int) -> None:
+    """Clear errors before any work or communication is done."""
+    if isinstance(x, tuple):
+        if len(x) != 2 or x[0].dtype != torch.float8_e4m3fn:
+            raise EPInputError("ep_dispatch: 'x' as a tuple must be (x_q float8_e4m3fn [T, H], scales float32 "
+                               "[T, H/128])")
+        xq, s = x
+        if s.shape != (xq.shape[0], xq.shape[1] // FP8_LINEAR_BLOCK):
+            raise EPInputError(f"ep_dispatch: scales have shape {list(s.shape)}, expected "
+                               f"[{xq.shape[0]}, {xq.shape[1] // FP8_LINEAR_BLOCK}]")
+        x = xq
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise EPInputError(f"ep_dispatch: 'x' must be [T, H], got {getattr(x, 'shape', type(x).__name__)}")
+    t = x.shape[0]
+    if topk_idx.dim() != 2 or topk_idx.shape[0] != t or topk_idx.dtype not in (torch.int32, torch.int64):
+        raise EPInputError(f"ep_dispatch: 'topk_idx' must be int [T={t}, K], got {list(topk_idx.shape)} "
+                           f"{topk_idx.dtype}")
+    if topk_weights.shape != topk_idx.shape or not topk_weights.dtype.is_floating_point:
+        raise EPInputError(f"ep_dispatch: 'topk_weights' must be float {list(topk_idx.shape)}, got "
+                           f"{list(topk_weights.shape)} {topk_weights.dtype}")
+    if placement.world_size != world_size:
+        raise EPInputError(f"ep_dispatch: placement is for {placement.world_size} ranks, the group has "
+                           f"{world_size}")
+    if topk_idx.numel() and (int(topk_idx.max()) >= placement.num_experts or int(topk_idx.min()) < -1):
+        raise EPInputError(f"ep_dispatch: 'topk_idx' values must be in [-1, {placement.num_experts - 1}], got "
+                           f"[{int(topk_idx.min())}, {int(topk_idx.max())}]")
+
+
+def plan_dispatch(phys: torch.Tensor, slot_mask: torch.Tensor, experts_per_rank: int, world_size: int,
+                  num_physical: int):
+    """Sender side layout for the slots in slot_mask. Returns (send_token, local_idx [S, K], counts per rank,
+    slot_token, slot_k, slots per rank, per physical expert histogram)."""
+    t, k = phys.shape
+    mask = slot_mask & (phys >= 0)
+    dst = torch.where(mask, phys // experts_per_rank, -1)
+    local = phys % experts_per_rank
+    send_token, local_rows, counts, slot_tok, slot_k, slot_counts = [], [], [], [], [], []
+    for r in range(world_size):
+        on_r = dst == r                                        # [T, K]
+        toks = on_r.any(1).nonzero().squeeze(1)
+        send_token.append(toks)
+        local_rows.append(torch.where(on_r[toks], local[toks], -1))
+        counts.append(toks.numel())
+        tk = on_r.nonzero()                                    # row-major: token order, then k
+        slot_tok.append(tk[:, 0])
+        slot_k.append(tk[:, 1])
+        slot_counts.append(tk.shape[0])
+    per_expert = torch.bincount(phys[mask], minlength=num_physical)
+    return (torch.cat(send_token), torch.cat(local_rows) if local_rows else torch.empty(0, k, dtype=torch.int64),
+            counts, torch.cat(slot_tok), torch.cat(slot_k), slot_counts, per_expert)
+
+
+def payload_fields(hidden: int, k: int, dtype: torch.dtype, fp8: bool) -> list[Field]:
+    x = [Field("x", torch.float8_e4m3fn, (hidden,)), Field("scales", torch.float32, (hidden // FP8_LINEAR_BLOCK,))] \
+        if fp8 else [Field("x", dtype, (hidden,))]
+    return x + [Field("idx", torch.int64, (k,)), Field("w", torch.float32, (k,)), Field("src", torch.int64, ())]
+
+
+@dataclass
+class PendingDispatch:
+    """A payload exchange in flight; finish() waits and fills the receiver side of the handle."""
+    handle: EPHandle
+    fields: list[Field]
+    buf: torch.Tensor
+    work: object
+    fp8: bool
+
+    def finish(self):
+        if self.work is not None:
+            self.work.wait()
+        h = self.handle
+        got = {k: v.clone() for k, v in unpack(self.fields, self.buf).items()}   # own storage, not the buffer's
+        h.recv_src_rank = torch.repeat_interleave(torch.arange(h.world_size), torch.tensor(h.num_recv_per_rank,
+                                                                                          dtype=torch.int64))
+        h.recv_src_index = got["src"]
+        h.recv_topk_idx = got["idx"]
+        h.recv_topk_weights = got["w"]
+        return got["x"], (got["scales"] if self.fp8 else None), got["idx"], got["w"], h
+
+
+def start_dispatch(comm: Comm, xs: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype, phys, weights,
+                   slot_mask, placement: ExpertPlacement, recv_counts: list[int], recv_slots: list[int],
+                   async_op: bool) -> PendingDispatch:
+    """Send the rows for the slots in slot_mask; recv_counts / recv_slots come from a counts exchange."""
+    t, k = phys.shape
+    eloc = placement.experts_per_rank
+    send_token, local_idx, counts, slot_tok, slot_k, slot_counts, per_expert = plan_dispatch(
+        phys, slot_mask, eloc, comm.world_size, placement.num_physical)
+    fields = payload_fields(xs.shape[1], k, dtype, scales is not None)
+    tensors = [xs[send_token]] + ([scales[send_token]] if scales is not None else []) + \
+        [local_idx, weights.float()[send_token], send_token]
+    buf, work = comm.all_to_all(pack(fields, tensors), counts, recv_counts, async_op=True)
+    if not async_op and work is not None:
+        work.wait()
+        work = None
+    h = EPHandle(comm.rank, comm.world_size, t, xs.shape[1], dtype, phys, weights,
+                 torch.tensor(counts, dtype=torch.int64), per_expert, send_token, slot_tok, slot_k, slot_counts,
+                 num_recv_per_rank=list(recv_counts), recv_slots_per_rank=list(recv_slots))
+    return PendingDispatch(h, fields, buf, work, scales is not None)
+
+
+def layout_counts(phys: torch.Tensor, slot_mask: torch.Tensor, experts_per_rank: int, world_size: int) -> torch.Tensor:
+    """[R, 2]: (rows, slots) this rank sends to each rank for the slots in slot_mask."""
+    mask = slot_mask & (phys >= 0)
+    dst = torch.where(mask, phys // experts_per_rank, -1)
+    out = torch.zeros(world_size, 2, dtype=torch.int64)
+    for r in range(world_size):
+        on_r = dst == r
+        out[r, 0] = int(on_r.any(1).sum())
+        out[r, 1] = int(on_r.sum())
+    return out
+
+
+def split_x(x, fp8: bool):
+    """(x | (x_q, scales)) -> (rows to send, scales or None, activation dtype). fp8=True quantises x here with
+    the reference recipe (e4m3, ue8m0 per-128 scales), before anything is sent."""
+    if isinstance(x, tuple):
+        return x[0], x[1].float(), torch.bfloat16
+    if fp8:
+        xq, s = quant_fp8(x, FP8_LINEAR_BLOCK, "ue8m0")
+        return xq, s, x.dtype
+    return x, None, x.dtype
+
+
+def ep_dispatch(x, topk_idx: torch.Tensor, topk_weights: torch.Tensor, placement: ExpertPlacement,
+                group=None, fp8: bool = False):
+    """Send each token to the ranks holding its experts.
+
+    x: [T, H] activations, or a tuple (x_q float8_e4m3fn [T, H], scales float32 [T, H/128]) already quantised;
+    topk_idx: int [T, K] logical expert ids, -1 = no expert; topk_weights: float [T, K]; placement: where the
+    experts live (redundant copies are chosen here); group: torch.distributed group (None = default, or world
+    size 1 without torch.distributed); fp8: quantise x (reference recipe) before sending.
+    Returns (recv_x [N, H], recv_scales [N, H/128] or None, recv_topk_idx int64 [N, K] local ids (-1 = slot not
+    on this rank), recv_topk_weights float32 [N, K], handle), rows ordered by (source rank, source index)."""
+    comm = group if isinstance(group, Comm) else Comm(group)
+    check_dispatch_args(x, topk_idx, topk_weights, placement, comm.world_size)
+    xs, scales, dtype = split_x(x, fp8)
+    phys = placement.to_physical(topk_idx, comm.rank)
+    everything = torch.ones_like(phys, dtype=torch.bool)
+    recv = comm.exchange_counts(layout_counts(phys, everything, placement.experts_per_rank, comm.world_size))
+    pending = start_dispatch(comm, xs, scales, dtype, phys, topk_weights, everything, placement,
+                             recv[:, 0].tolist(), recv[:, 1].tolist(), async_op=False)
+    out = pending.finish()
+    eloc = placement.experts_per_rank
+    idx = out[2]
+    out[4].num_recv_per_local_expert = torch.bincount(idx[idx >= 0], minlength=eloc)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- combine
+def combine_payload(y: torch.Tensor, recv_topk_idx: torch.Tensor, recv_topk_weights: torch.Tensor, mode: str,
+                    apply_weights: bool) -> torch.Tensor:
+    """Receiver side rows to send back: ordered -> one row per processed slot (row order, then k) in y's dtype;
+    partial -> one float32 row per received token, its slots summed in k order."""
+    valid = recv_topk_idx >= 0
+    if mode == "ordered":
+        return y[valid]
+    acc = torch.zeros(y.shape[0], y.shape[2], dtype=torch.float32)
+    for j in range(y.shape[1]):
+        term = y[:, j].float()
+        if apply_weights:
+            term = recv_topk_weights[:, j:j + 1].float() * term
+        acc += torch.where(valid[:, j:j + 1], term, 0)
+    return acc
+
+
+def start_combine(comm: Comm, y: torch.Tensor, h: EPHandle, mode: str, apply_weights: bool, async_op: bool):
+    """Send the combine payload back to the sources. Returns (rows, work): rows valid after work.wait()."""
+    rows = combine_payload(y, h.recv_topk_idx, h.recv_topk_weights, mode, apply_weights)
+    if mode == "ordered":
+        send, recv = h.recv_slots_per_rank, h.slots_per_rank
+    else:
+        send, recv = h.num_recv_per_rank, h.send_counts
+    shape = tuple(rows.shape[1:])
+    buf, work = comm.all_to_all(to_bytes(rows), send, recv, async_op=True)
+    if not async_op and work is not None:
+        work.wait()
+        work = None
+    return buf, work, rows.dtype, shape
+
+
+def scatter_slots(per_slot: torch.Tensor, h: EPHandle, rows: torch.Tensor) -> None:
+    """Put returned slot rows (rank, token, k order) into per_slot [T, K, H]."""
+    per_slot[h.slot_token, h.slot_k] = rows
+
+
+def add_partials(acc: torch.Tensor, h: EPHandle, rows: torch.Tensor) -> None:
+    """acc [T, H] fp32 += partial sums, one rank's segment after the other (rank order)."""
+    start = 0
+    for n in h.send_counts:
+        seg = h.send_token[start:start + n]
+        acc[seg] += rows[start:start + n]
+        start += n
+
+
+def ordered_reduce(per_slot: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor | None,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """out[t] = cast(float(bias[t]) + sum_{k=0..K-1, idx>=0} [w[t,k] *] float(y[t,k])), sequential in k, fp32."""
+    t, k, hdim = per_slot.shape
+    acc = torch.zeros(t, hdim, dtype=torch.float32)
+    if bias is not None:
+        acc += bias.float()
+    for j in range(k):
+        term = per_slot[:, j].float()
+        if topk_weights is not None:
+            term = topk_weights[:, j:j + 1].float() * term
+        acc += torch.where((topk_idx[:, j] >= 0).unsqueeze(-1), term, 0)
+    return acc.to(per_slot.dtype)
+
+
+def ep_combine(y: torch.Tensor, handle: EPHandle, bias: torch.Tensor | None = None, mode: str = "ordered",
+               apply_weights: bool = True, group=None) -> torch.Tensor:
+    """Return expert outputs to their tokens and reduce.
+
+    y: [N, K, H] expert outputs for the received rows of `handle` (slot j of row i is read only where
+    handle.recv_topk_idx[i, j] >= 0); bias: [T, H] added first (the shared expert's output) or None;
+    mode: "ordered" (canonical, bitwise reproducible) or "partial" (per-rank fp32 pre-reduction, tolerance only);
+    apply_weights: multiply slot k by its routing weight (DeepEP style); False when the experts already applied
+    it (V4 applies the routing weight before w2).
+    Returns out [T, H] in y's dtype: cast(float(bias) + sum_k w*float(y)) summed in k order (ordered)."""
+    if mode not in COMBINE_MODES:
+        raise EPInputError(f"ep_combine: mode must be one of {COMBINE_MODES}, got {mode!r}")
+    n = handle.recv_topk_idx.shape[0]
+    if y.dim() != 3 or y.shape[0] != n or y.shape[1] != handle.recv_topk_idx.shape[1]:
+        raise EPInputError(f"ep_combine: 'y' must be [N={n}, K={handle.recv_topk_idx.shape[1]}, H], got "
+                           f"{list(y.shape)}")
+    if bias is not None and tuple(bias.shape) != (handle.num_tokens, y.shape[2]):
+        raise EPInputError(f"ep_combine: 'bias' must be [{handle.num_tokens}, {y.shape[2]}], got {list(bias.shape)}")
+    comm = group if isinstance(group, Comm) else Comm(group)
+    buf, _, dtype, shape = start_combine(comm, y, handle, mode, apply_weights, async_op=False)
+    rows = from_bytes(buf, dtype, shape)
+    k = handle.topk_idx.shape[1]
+    if mode == "ordered":
+        per_slot = torch.zeros(handle.num_tokens, k, y.shape[2], dtype=y.dtype)
+        scatter_slots(per_slot, handle, rows)
+        return ordered_reduce(per_slot, handle.topk_idx, handle.topk_weights if apply_weights else None, bias)
+    acc = torch.zeros(handle.num_tokens, y.shape[2], dtype=torch.float32)
+    if bias is not None:
+        acc += bias.float()
+    add_partials(acc, handle, rows)
+    return acc.to(y.dtype)

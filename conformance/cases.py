@@ -187,6 +187,13 @@ def attention_cases() -> list[Case]:
         visible = torch.tensor([[0, 3, 17, 24], [24, 6, 1, 12]], dtype=torch.int32)
         return q, k, w, visible, 8
 
+    def indexer_decode_args(g):
+        q, k = _randn(g, 3, 1, 8, 64, dtype=BF16), _randn(g, 3, 40, 64, dtype=BF16)
+        w = _randn(g, 3, 1, 8).abs() * (64 ** -0.5) * (8 ** -0.5)
+        return q, k, w, torch.tensor([[40], [5], [17]], dtype=torch.int32), 8
+
+    cases.append(Case("indexer_topk", "indexer_topk/decode/bfloat16", 45, BF16, indexer_decode_args,
+                      slice0=_first(0, 1, 2, 3)))
     for dt in (BF16, F32):
         n = str(dt).split(".")[-1]
         cases.append(Case("indexer_topk", f"indexer_topk/visible_counts/{n}", 43, dt,
@@ -267,6 +274,18 @@ def mhc_cases() -> list[Case]:
         cases.append(Case("hc_head", f"hc_head/{name}", 63, dt, lambda g, dt=dt: (
             _randn(g, 2, 3, n_streams, d, dtype=dt), _randn(g, n_streams, n_streams * d, scale=0.05),
             torch.tensor([0.7]), _randn(g, n_streams, scale=0.3)), k=n_streams * d, slice0=_first(0)))
+    # V4-Flash's hidden size (the fused mHC kernels on Ascend take only 4096 / 7168)
+    d_flash, mix = 4096, (2 + n_streams) * n_streams
+    cases.append(Case("hc_pre", "hc_pre/flash_width/bfloat16", 64, BF16, lambda g: (
+        _randn(g, 1, 2, n_streams, d_flash, dtype=BF16), _randn(g, mix, n_streams * d_flash, scale=0.01),
+        torch.tensor([0.5, 1.5, 2.0]), _randn(g, mix, scale=0.3)), k=n_streams * d_flash))
+
+    def post_flash(g):
+        comb = torch.rand(1, 2, n_streams, n_streams, generator=g)
+        comb[..., 0, 3] += 2.0
+        return (_randn(g, 1, 2, d_flash, dtype=BF16), _randn(g, 1, 2, n_streams, d_flash, dtype=BF16),
+                torch.rand(1, 2, n_streams, generator=g) * 2, comb)
+    cases.append(Case("hc_post", "hc_post/flash_width/bfloat16", 65, BF16, post_flash))
     return cases
 
 
@@ -297,12 +316,13 @@ def moe_cases() -> list[Case]:
         torch.randint(0, e, (50, k), generator=g), torch.randint(0, 50, (t,), generator=g), k), slice0=_first(0, 4),
         fp64_reference=False))
 
-    def experts_args(g, fmt, dt, t=t, limit=10.0, big=False, idle_expert=False, shared=True):
+    def experts_args(g, fmt, dt, t=t, limit=10.0, big=False, idle_expert=False, shared=True, unrouted_slot=True):
         x = _randn(g, t, d, dtype=dt, scale=30.0 if big else 1.0)   # big: gate/up beyond +-10 (case 1)
         idx = torch.randint(0, 4, (t, k), generator=g)
         if idle_expert:
             idx[idx == 3] = 2                                       # expert 3 gets no token (case 8)
-        idx[0, 1] = -1 if t > 1 else idx[0, 1]                      # a slot without an expert
+        if unrouted_slot and t > 1:
+            idx[0, 1] = -1                                          # a slot without an expert (EP padding)
         w = torch.rand(t, k, generator=g)
         return x, idx, w, _experts(g, fmt), (_experts(g, fmt, e=1) if shared else None), limit
 
@@ -312,9 +332,11 @@ def moe_cases() -> list[Case]:
             cases.append(Case("moe_experts", f"moe_experts/{fmt}/{name}", 73, dt,
                               lambda g, f=fmt, dt=dt: experts_args(g, f, dt), k=128, slice0=_first(0, 1, 2)))
         cases.append(Case("moe_experts", f"moe_experts/{fmt}/clamp_beyond_10", 74, BF16,
-                          lambda g, f=fmt: experts_args(g, f, BF16, big=True), k=128, slice0=_first(0, 1, 2)))
+                          lambda g, f=fmt: experts_args(g, f, BF16, big=True, unrouted_slot=False), k=128, slice0=_first(0, 1, 2)))
+    cases.append(Case("moe_experts", "moe_experts/bf16/every_slot_routed", 77, BF16,
+                      lambda g: experts_args(g, "bf16", BF16, unrouted_slot=False), k=128, slice0=_first(0, 1, 2)))
     cases.append(Case("moe_experts", "moe_experts/bf16/zero_token_expert", 75, BF16,
-                      lambda g: experts_args(g, "bf16", BF16, idle_expert=True), k=128))
+                      lambda g: experts_args(g, "bf16", BF16, idle_expert=True, unrouted_slot=False), k=128))
     cases.append(Case("moe_experts", "moe_experts/fp8/T1_no_shared", 76, BF16,
                       lambda g: experts_args(g, "fp8", BF16, t=1, shared=False), k=128))
     return cases

@@ -133,8 +133,12 @@ def run_case(case: Case, provider: str, backend: Backend, device: str, vers: dic
     tol_rec = {**dataclasses.asdict(tol), "reference_dtype": "float64" if use64 else str(case.dtype).split(".")[-1]}
     rec = CaseRecord("op", case.op, case.case_id, case.seed, provider, skipped, device, vers, shapes, dtypes,
                      tolerance=tol_rec)
-    p = op.provider(provider, backend.device_type)
-    reasons = p.availability() or p.supports(*case.first_call_args(args))
+    try:
+        p = op.provider(provider, backend.device_type)
+    except KeyError:
+        p = None
+    reasons = ([f"{case.op} has no provider '{provider}' on device type {backend.device_type}"] if p is None
+               else p.availability() or p.supports(*case.first_call_args(args)))
     if reasons:
         rec.status, rec.message = "skip", "; ".join(reasons)
         rec.duration_s = time.perf_counter() - t0

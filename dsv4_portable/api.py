@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import pathlib
+import sys
 
 import torch
 
@@ -79,6 +80,12 @@ def load_model(path: str | pathlib.Path = "tiny", device: str = "cpu", dtype="bf
             raise ValueError(f"unknown dtype {dtype!r} (choose {', '.join(DTYPES)})")
         dtype = DTYPES[dtype]
     backend = set_backend(device)                 # fails here, with the reason, if the device cannot run
+    weight_note = None
+    if backend.name == "ascend":                  # the chip decides what the checkpoint's FP8/FP4 weights become
+        from .backends.ascend.weights import weight_mode_for
+        weights, weight_note = weight_mode_for(weights)
+        if not quiet:
+            print(weight_note, file=sys.stderr)
     if str(path) == "tiny":
         from .model.tiny import tiny_checkpoint
         path = tiny_checkpoint(quiet=quiet)
@@ -92,4 +99,6 @@ def load_model(path: str | pathlib.Path = "tiny", device: str = "cpu", dtype="bf
     if (path / "tokenizer.json").exists():
         from tokenizers import Tokenizer
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-    return Model(Transformer(cfg, params, dtype, tdev, quant_sim), device, path, tokenizer)
+    model = Model(Transformer(cfg, params, dtype, tdev, quant_sim), device, path, tokenizer)
+    model.weight_note = weight_note
+    return model

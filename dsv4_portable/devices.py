@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import torch
 
@@ -23,7 +24,7 @@ def cuda_availability() -> list[str]:
 
 
 def ascend_availability() -> list[str]:
-    if importlib.util.find_spec("torch_npu") is None:
+    if "torch_npu" not in sys.modules and importlib.util.find_spec("torch_npu") is None:
         return ["torch_npu is not installed (pip install the torch_npu build matching your CANN toolkit and torch "
                 f"{torch.__version__.split('+')[0]}; see README 'Ascend')"]
     try:
@@ -44,13 +45,22 @@ def cuda_simulated() -> str | None:
     return None
 
 
+def ascend_simulated() -> str | None:
+    """Under the executable spec's stand-in torch_npu (conformance/ascend_spec/standin.py) the ascend providers run
+    the spec of each vendor op on CPU tensors: a check of our calls and mappings, never an NPU result."""
+    mod = sys.modules.get("torch_npu")
+    if getattr(mod, "__spec_standin__", False):
+        return f"Ascend vendor-op spec on CPU tensors ({mod.__version__}): not an NPU result"
+    return None
+
+
 CPU = add_backend(Backend("cpu", "cpu", [], [], None, "The pure-PyTorch reference."))
 CUDA = add_backend(Backend(
     "cuda", "cuda", ["flash_mla", "deep_gemm", "triton"], ["dsv4_portable.backends.cuda"], cuda_availability,
     "Needs an NVIDIA GPU and a CUDA build of torch; Triton kernels need `pip install triton`.", cuda_simulated))
 ASCEND = add_backend(Backend(
     "ascend", "npu", ["cann", "triton_ascend"], ["dsv4_portable.backends.ascend"], ascend_availability,
-    "Needs an Ascend NPU with CANN and the matching torch_npu; see README 'Ascend'."))
+    "Needs an Ascend NPU with CANN and the matching torch_npu; see README 'Ascend'.", ascend_simulated))
 
 
 def interpret_mode() -> bool:

@@ -419,3 +419,10 @@ def provider_counts() -> dict[str, dict[str, int]]:
 def reset_counts() -> None:
     for op in OPS.values():
         op.counts.clear()
+
+
+def reset_availability() -> None:
+    """Forget every provider's cached availability (after a vendor library appears or goes, e.g. in tests)."""
+    for op in OPS.values():
+        for p in op.providers:
+            p.reset()

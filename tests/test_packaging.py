@@ -6,7 +6,8 @@ import zipfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 IMPORTS = ("import dsv4_portable, dsv4_portable.reference, dsv4_portable.backends.cuda, "
-           "dsv4_portable.backends.ascend, dsv4_portable.conformance, dsv4_portable.model; "
+           "dsv4_portable.backends.ascend, dsv4_portable.conformance, dsv4_portable.model, dsv4_portable.ep, "
+           "dsv4_portable.conformance.ascend_spec; "
            "print(dsv4_portable.__file__); print(dsv4_portable.reference.__file__)")
 
 
@@ -19,6 +20,13 @@ def test_wheel_maps_folders_into_the_namespace(tmp_path):
                  "dsv4_portable/backends/ascend/__init__.py", "dsv4_portable/conformance/__init__.py",
                  "dsv4_portable/registry.py"):
         assert must in names, must
+    # every package folder of the repo is in the wheel (a package missing from pyproject would vanish silently)
+    folders = {"dsv4_portable": "dsv4_portable", "reference": "dsv4_portable/reference",
+               "backends": "dsv4_portable/backends", "conformance": "dsv4_portable/conformance"}
+    for top, installed_as in folders.items():
+        for init in (ROOT / top).rglob("__init__.py"):
+            rel = init.relative_to(ROOT / top).as_posix()
+            assert f"{installed_as}/{rel}" in names, f"{top}/{rel} is not packaged"
     tops = {n.split("/")[0] for n in names}
     assert not tops & {"reference", "backends", "conformance"}, tops   # no generic top-level packages
     assert any(n.startswith("dsv4_portable/presets/") and n.endswith(".yaml") for n in names)

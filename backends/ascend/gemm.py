@@ -1,0 +1,49 @@
+"""fp8_linear on the 950 -> the registry's quant_fp8 (DeepSeek's ue8m0 1x128 activation blocks) +
+npu_quant_matmul with group_sizes [1, 128, 128] (cann-recipes module/quantization/fp8.py).
+
+A2 and A3 have no FP8 arithmetic: there the checkpoint's FP8/FP4 weights are dequantised at load (weights.py) and
+the model runs the plain `linear` op, so this provider declines on them with that reason."""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from dsv4_portable import ops
+from dsv4_portable.reference.quant import FP8_LINEAR_BLOCK
+from dsv4_portable.registry import register
+
+from . import vendor_ops
+from .common import availability, device_reasons
+
+QMM = ("npu_quant_matmul", ("torch_npu", "npu"))
+_LAYOUT: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # id(weight) -> re-laid weight, dropped with it
+
+
+def _weight_layout(w: torch.Tensor, w_scale: torch.Tensor):
+    """x2 [K, N] and its scales [K/128, N/128] fp32, made once per weight (the op reads the transposed weight)."""
+    key = id(w)
+    if key not in _LAYOUT:
+        _LAYOUT[key] = (w.t().contiguous(), w_scale.float().t().contiguous())
+        weakref.finalize(w, _LAYOUT.pop, key, None)
+    return _LAYOUT[key]
+
+
+def _supports(x, w, w_scale, scale_fmt="ue8m0"):
+    reasons = device_reasons(x, w, w_scale)
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        reasons.append(f"activations {x.dtype}; npu_quant_matmul outputs bf16/fp16")
+    if w.shape[0] > 65535 or w.shape[1] > 65535:
+        reasons.append(f"weight {list(w.shape)}; npu_quant_matmul takes K, N <= 65535")
+    return reasons
+
+
+@register("fp8_linear", "cann", "npu", available=availability(*QMM, chips=("950",)), supports=_supports,
+          note="950: quant_fp8 + npu_quant_matmul(group_sizes=[1,128,128])")
+def fp8_linear_cann(x, w, w_scale, scale_fmt="ue8m0"):
+    x2d = x.reshape(-1, x.shape[-1])
+    xq, xs = ops.quant_fp8(x2d, FP8_LINEAR_BLOCK, scale_fmt)
+    wt, st = _weight_layout(w, w_scale)
+    y = vendor_ops.call(*QMM, xq, wt, st, pertoken_scale=xs.float(), output_dtype=x.dtype,
+                        group_sizes=[1, 128, 128])
+    return y.view(*x.shape[:-1], w.shape[0])

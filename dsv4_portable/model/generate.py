@@ -83,15 +83,18 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
                 if not done[rows.index(r)]:
                     out.tokens[r].append(tok)
             done |= torch.tensor([t in stops for t in nxt.tolist()])
-            if progress:
-                print(f"\rdecoding: {step + 1}/{max_new_tokens} tokens", end="", file=sys.stderr, flush=True)
+            if progress and (sys.stderr.isatty() or (step + 1) % 16 == 0 or step + 1 == max_new_tokens
+                             or bool(done.all())):
+                # a live counter on a terminal; one line every 16 tokens in a log
+                end = "" if sys.stderr.isatty() else "\n"
+                print(f"\rdecoding: {step + 1}/{max_new_tokens} tokens", end=end, file=sys.stderr, flush=True)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             logits = model.forward(nxt.view(-1, 1), cache)
             out.decode_tokens += len(rows)
         _sync(model.device)
         out.decode_s += time.perf_counter() - t0
-        if progress:
+        if progress and sys.stderr.isatty():
             print(file=sys.stderr)
         out.cache_bytes = max(out.cache_bytes, cache.nbytes())
         out.cache_bytes_per_token = cache.bytes_per_token()

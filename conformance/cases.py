@@ -117,6 +117,9 @@ def linear_cases() -> list[Case]:
                           lambda g, dt=dt: (_randn(g, 5, 256, dtype=dt), *quant_fp4_weight(_randn(g, 64, 256,
                                                                                                  scale=0.05))),
                           k=256, slice0=_first(0)))
+        cases.append(Case("int8_linear", f"int8_linear/{n}", 25, dt, lambda g, dt=dt: (
+            _randn(g, 5, 256, dtype=dt), *ref.quant_int8_weight(_randn(g, 96, 256, scale=0.05))), k=256,
+            slice0=_first(0)))
         cases.append(Case("linear", f"linear/{n}", 23, dt,
                           lambda g, dt=dt: (_randn(g, 2, 5, 64, dtype=dt), _randn(g, 48, 64, dtype=dt, scale=0.1)),
                           k=64, slice0=_first(0)))

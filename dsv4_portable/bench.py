@@ -216,6 +216,15 @@ def _case_fp4_linear(cfg, g):
                 lambda dev: ((_randn((m, k), dev), _fp4((n, k // 2), dev), _scales((n, k // 32), dev)), {}))
 
 
+def _case_int8_linear(cfg, g):
+    m, n, k = g.tokens, cfg.dim, cfg.o_groups * cfg.o_lora_rank   # wo_b as W8A8 (Ascend A2/A3 weights="int8")
+    # compute roof: int8 tensor-core rate, the same as FP8's on Hopper
+    return Case("int8_linear", g.phase, f"wo_b  M={m} N={n} K={k} (int8 weight, per-channel fp32 scales)",
+                dict(M=m, N=n, K=k), 2 * m * n * k, m * k * A + n * k + n * 4 + m * n * A, "fp8",
+                lambda dev: ((_randn((m, k), dev), torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev),
+                              torch.rand(n, device=dev) * 1e-2), {}))
+
+
 def _case_linear(cfg, g):
     m, n, k = g.tokens, cfg.q_lora_rank, cfg.dim   # wq_a as a bf16 weight (weights="bf16" mode)
     return Case("linear", g.phase, f"wq_a  M={m} N={n} K={k} (bf16 weight)", dict(M=m, N=n, K=k), 2 * m * n * k,
@@ -376,7 +385,7 @@ def _case_moe_experts(cfg, g):
 CASES: dict[str, Callable[[ModelConfig, Geometry], Case]] = {
     "quant_fp8": _case_quant_fp8, "quant_fp4": _case_quant_fp4, "fp8_roundtrip": _case_fp8_roundtrip,
     "fp4_roundtrip": _case_fp4_roundtrip, "fp8_linear": _case_fp8_linear, "fp4_linear": _case_fp4_linear,
-    "linear": _case_linear, "grouped_linear": _case_grouped_linear, "rms_norm": _case_rms_norm, "rope": _case_rope,
+    "int8_linear": _case_int8_linear, "linear": _case_linear, "grouped_linear": _case_grouped_linear, "rms_norm": _case_rms_norm, "rope": _case_rope,
     "hadamard": _case_hadamard, "sparse_attn": _case_sparse_attn, "indexer_topk": _case_indexer_topk,
     "compressor": _case_compressor, "hc_pre": _case_hc_pre, "hc_post": _case_hc_post, "hc_head": _case_hc_head,
     "moe_route": _case_moe_route, "moe_experts": _case_moe_experts,

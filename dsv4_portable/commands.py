@@ -52,7 +52,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="bf16", help="activation dtype: bf16 or fp32")
-    p.add_argument("--weights", default="native", choices=["native", "bf16", "fp8"])
+    p.add_argument("--weights", default="native", choices=["native", "bf16", "fp8", "int8"],
+                   help="native (checkpoint formats), bf16 (dequantise), fp8 (FP4 experts -> FP8), int8 (W8A8 "
+                        "dense linears, bf16 experts; Ascend A2/A3)")
     p.add_argument("--no-quant-sim", action="store_true", help="turn DeepSeek's QAT simulation off")
     p.add_argument("--cache-layout", default="auto", choices=["auto", "fp8", "plain"])
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -83,6 +83,16 @@ def _check_grouped_linear(x, w):
           f"{list(w.shape)}")
 
 
+def _check_int8_linear(x, w, w_scale):
+    _need(w.shape[1] == x.shape[-1], f"int8_linear: 'w' has shape {list(w.shape)} but 'x' has K={x.shape[-1]}")
+    _need(tuple(w_scale.shape) == (w.shape[0],),
+          f"int8_linear: 'w_scale' has shape {list(w_scale.shape)}; expected [{w.shape[0]}] (one per output channel)")
+
+
+int8_linear = define_op(
+    "int8_linear", ref.int8_linear, [Arg("x", "* K"), Arg("w", "N K", "int8"), Arg("w_scale", "N", "f32")],
+    _float_tol(bf16_atol=1e-2, f32_atol=1e-4, src="int32 products exact; scaling order and one output rounding"),
+    _check_int8_linear)
 linear = define_op("linear", ref.linear, [Arg("x", "* K"), Arg("w", "N K")], _GEMM_TOL, _check_plain_linear)
 grouped_linear = define_op("grouped_linear", ref.grouped_linear, [Arg("x", "* K"), Arg("w", "G N K")], _GEMM_TOL,
                            _check_grouped_linear)

@@ -17,6 +17,8 @@ def _linear_bytes(shape, fmt: str, dtype_bytes: int = 2) -> int:
         return n * k + (-(-n // 128)) * (-(-k // 128))          # e4m3 + one e8m0 scale per 128x128 block
     if fmt == "fp4":
         return n * k // 2 + n * (k // 32)                       # packed e2m1 + one e8m0 scale per 32
+    if fmt == "int8":
+        return n * k + 4 * n                                    # int8 + one fp32 scale per output channel
     return n * k * dtype_bytes
 
 
@@ -24,13 +26,15 @@ def weight_bytes(cfg: ModelConfig, mode: str) -> dict[str, int]:
     """Bytes of the prepared weights for a weight mode, split into routed experts and everything else.
 
     native: dense linears as stored (FP8 or bf16), experts as stored (FP4/FP8/bf16); bf16: every linear
-    dequantised to bf16; fp8: FP4 experts converted to FP8 blocks. In every mode wo_a is dequantised to bf16 (it runs
+    dequantised to bf16; fp8: FP4 experts converted to FP8 blocks; int8: dense linears W8A8, experts bf16
+    (Ascend A2/A3). In every mode wo_a is dequantised to bf16 (it runs
     as a bf16 einsum, as in DeepSeek's reference), the compressor projections, norms and head are float32."""
     out = {"experts": 0, "other": 0}
     for name, spec in expected_tensors(cfg).items():
         if spec.kind in ("linear", "expert"):
             stored = cfg.expert_dtype if spec.kind == "expert" else cfg.dtype
-            fmt = {"native": stored, "bf16": "bf16", "fp8": "fp8" if stored == "fp4" else stored}[mode]
+            fmt = {"native": stored, "bf16": "bf16", "fp8": "fp8" if stored == "fp4" else stored,
+                   "int8": "bf16" if spec.kind == "expert" else "int8"}[mode]
             if name.endswith("attn.wo_a"):
                 fmt = "bf16"
             key = "experts" if ".ffn.experts." in name else "other"
@@ -62,7 +66,7 @@ def plan(cfg: ModelConfig, context: int, batch: int = 1) -> dict:
     kv = {layout: kv_bytes_per_sequence(cfg, context, layout) for layout in ("fp8", "plain")}
     return {
         "config": cfg.name, "context": context, "batch": batch,
-        "weights": {m: weight_bytes(cfg, m) for m in ("native", "fp8", "bf16")},
+        "weights": {m: weight_bytes(cfg, m) for m in ("native", "fp8", "int8", "bf16")},
         "kv_per_sequence": {"ours_fp8_layout": kv["fp8"], "ours_bf16_plain": kv["plain"],
                             "deepseek_fp8_layout": deepseek_fp8_kv_bytes(cfg, context)},
         "kv_bytes_per_token": {"ours_fp8_layout": kv["fp8"]["total"] / context,

@@ -83,6 +83,7 @@ _FLOAT_KINDS = {
     "index": (torch.int32, torch.int64),
     "fp8": (torch.float8_e4m3fn,),
     "packed4": (torch.int8, torch.uint8),
+    "int8": (torch.int8,),
     "scale": (torch.float32, torch.float64, torch.float8_e8m0fnu),
     "any": None,
 }

@@ -9,8 +9,8 @@ from .mhc import hc_head, hc_post, hc_pre, sinkhorn
 from .moe import ExpertWeights, expert_forward, moe_experts, moe_route, ordered_combine
 from .norm import rms_norm
 from .quant import (dequant_fp4, dequant_fp4_weight, dequant_fp8, dequant_fp8_weight, fp4_decode, fp4_encode,
-                    fp4_linear, fp4_roundtrip, fp4_to_fp8_weight, fp8_linear, fp8_roundtrip, grouped_linear, linear,
-                    pack_fp4, quant_fp4, quant_fp8, unpack_fp4)
+                    fp4_linear, fp4_roundtrip, fp4_to_fp8_weight, fp8_linear, fp8_roundtrip, grouped_linear, int8_linear,
+                    linear, pack_fp4, quant_fp4, quant_fp8, quant_int8_rows, quant_int8_weight, unpack_fp4)
 from .rotary import Yarn, rope, rope_cos_sin, rope_inv_freq
 
 __all__ = [
@@ -18,6 +18,6 @@ __all__ = [
     "compressor", "hadamard", "hc_head", "hc_post", "hc_pre", "sinkhorn", "ExpertWeights", "expert_forward",
     "moe_experts", "moe_route", "ordered_combine", "rms_norm", "dequant_fp4", "dequant_fp4_weight", "dequant_fp8",
     "dequant_fp8_weight", "fp4_decode", "fp4_encode", "fp4_linear", "fp4_roundtrip", "fp4_to_fp8_weight",
-    "fp8_linear", "fp8_roundtrip", "grouped_linear", "linear", "pack_fp4", "quant_fp4", "quant_fp8", "unpack_fp4", "Yarn", "rope",
+    "fp8_linear", "fp8_roundtrip", "grouped_linear", "int8_linear", "linear", "quant_int8_rows", "quant_int8_weight", "pack_fp4", "quant_fp4", "quant_fp8", "unpack_fp4", "Yarn", "rope",
     "rope_cos_sin", "rope_inv_freq",
 ]

@@ -276,3 +276,35 @@ def quant_fp4_weight(w: torch.Tensor, block: int = FP4_BLOCK):
     """Float weight [N, K] -> (packed int8 [N, K/2], float32 scales [N, K/32]) as in FP4 expert checkpoints."""
     packed, s = quant_fp4(w, block)
     return packed.view(torch.int8), s
+
+
+# ----------------------------------------------------------------------------------------------- int8 W8A8
+INT8_MAX = 127.0
+
+
+def quant_int8_rows(x: torch.Tensor):
+    """Symmetric per-row int8: scale = amax(|row|) / 127 (fp32, floored at 1e-12 / 127 for all-zero rows),
+    q = round-half-even(x / scale) clamped to [-128, 127]. Returns (int8 q [..., K], fp32 scale [...]).
+    The per-token dynamic activation rule of W8A8 (torch_npu npu_dynamic_quant)."""
+    xf = x.float()
+    scale = xf.abs().amax(-1).clamp_min(1e-12) / INT8_MAX
+    q = torch.round(xf / scale.unsqueeze(-1)).clamp(-128, 127).to(torch.int8)
+    return q, scale
+
+
+def quant_int8_weight(w: torch.Tensor):
+    """Float weight [N, K] -> (int8 [N, K], fp32 per-output-channel scales [N]) by the same per-row rule."""
+    return quant_int8_rows(w)
+
+
+def int8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """W8A8: y = (q_x @ q_w^T) * s_x * s_w with x quantised per row (quant_int8_rows). The integer product is exact
+    (float64 here, exact below 2^53; int32 on devices: |sum| <= K * 128 * 128 < 2^31 for K < 131072); the scaling
+    is done in float64 and rounded once to x's dtype.
+
+    x: [..., K] float; w: int8 [N, K]; w_scale: float32 [N]. Not DeepSeek's recipe (FP8 blocks): it is the A2/A3
+    fallback for FP8/FP4 checkpoints, compared with the FP8 model by similarity only."""
+    q, s = quant_int8_rows(x.reshape(-1, x.shape[-1]))
+    acc = torch.matmul(q.double(), w.double().t())          # integer-valued and exact; float64 runs on any device
+    y = acc * s.double().unsqueeze(-1) * w_scale.double()
+    return y.to(x.dtype).view(*x.shape[:-1], w.shape[0])

@@ -175,3 +175,19 @@ def test_without_torch_npu_ascend_is_refused_at_once_and_never_imported():
         load_model("tiny", device="ascend", quiet=True)
     assert "torch_npu" not in sys.modules
     assert ops.rms_norm.explain(torch.randn(2, 8), None, backend=registry.get_backend("ascend"))[-1][1] == "chosen"
+
+
+@pytest.mark.parametrize("standin", ["A3"], indirect=True)
+def test_int8_w8a8_on_a3_matches_the_int8_reference(standin):
+    ids = torch.arange(3, 24).unsqueeze(0)
+    m = load_model("tiny", device="ascend", weights="int8", quiet=True)
+    assert "int8" in m.weight_note
+    registry.reset_counts()
+    got = m.forward(ids, all_logits=True)
+    assert set(registry.provider_counts()["int8_linear"]) == {"cann"}
+    with registry.use_backend("cpu"):
+        want = load_model("tiny", device="cpu", weights="int8", quiet=True).forward(ids, all_logits=True)
+        fp8 = load_model("tiny", device="cpu", quiet=True).forward(ids, all_logits=True)
+    a, b, c = want.double(), got.double(), fp8.double()
+    assert 1 - 2 * (a * b).sum() / (a * a + b * b).sum() < 1e-3          # same recipe: kernel-order differences
+    assert 1 - 2 * (a * c).sum() / (a * a + c * c).sum() < 5e-2          # W8A8 vs DeepSeek's FP8 recipe: close

@@ -185,3 +185,15 @@ def test_linear_is_batch_invariant():
     full = Q.linear_f32(x, w)
     for rows in ([0], [5, 6, 7], list(range(40, 97)), [96, 3, 50]):
         assert torch.equal(Q.linear_f32(x[rows], w), full[rows])
+
+
+def test_int8_rows_by_hand_and_w8a8_product():
+    from dsv4_portable.reference.quant import int8_linear, quant_int8_rows
+    q, s = quant_int8_rows(torch.tensor([[127.0, -63.5, 0.5, 1.5], [0.0, 0.0, 0.0, 0.0]]))
+    assert s[0].item() == 1.0 and q[0].tolist() == [127, -64, 0, 2]        # round half to even
+    assert q[1].tolist() == [0, 0, 0, 0] and s[1].item() > 0               # all-zero row: floored scale, no NaN
+    x = torch.tensor([[254.0, -127.0, 2.0, 0.0]])                            # s_x = 2, q_x = [127, -64, 1, 0]
+    w = torch.tensor([[1, 2, 3, 4], [-1, 0, 0, 127]], dtype=torch.int8)
+    ws = torch.tensor([0.5, 0.25])
+    want = torch.tensor([[(127 - 128 + 3) * 2 * 0.5, (-127) * 2 * 0.25]])
+    assert torch.equal(int8_linear(x, w, ws), want)

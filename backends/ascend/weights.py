@@ -4,9 +4,9 @@
   with group sizes [1, 128, 128]) and its FP4 experts (e2m1 + e8m0 per 32, the MXFP4 format).
 - A2 / A3: no FP8 / FP4 units: dequantise every FP8 / FP4 weight to bf16 at load (exact for e8m0 scales), so the
   model runs bf16 linears and bf16 grouped GEMMs. Activations are then not FP8-quantised, a known difference from
-  DeepSeek's recipe (compare against the reference loaded with weights="bf16"). Requantising to int8 W8A8
-  (per-channel weights, per-token dynamic activations) is the faster option vLLM-Ascend offers; it is not
-  implemented here yet.
+  DeepSeek's recipe (compare against the reference loaded with weights="bf16"). weights="int8" instead
+  requantises the dense linears to W8A8 (per-channel weights, per-token dynamic activations: npu_dynamic_quant +
+  npu_quant_matmul), the faster option vLLM-Ascend offers; experts stay bf16.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ def weight_mode_for(requested: str) -> tuple[str, str]:
     """(weight mode to load with, a sentence saying what was chosen and why)."""
     c = chip()
     if requested == "int8":
-        raise ValueError("weights='int8' (W8A8 requantisation for A2/A3) is not implemented yet; use 'bf16'")
+        return "int8", (f"ascend {c or 'unknown chip'}: weights int8 as requested (dense linears W8A8 with "
+                        "per-channel scales and per-token activations; experts bf16)")
     if c == "950" or requested == "bf16":
         return requested, f"ascend {c or 'unknown chip'}: weights {requested} as requested"
     return "bf16", (f"ascend {c or 'unknown chip'}: weights {requested} -> bf16 (A2/A3 have no FP8/FP4 arithmetic: "

@@ -6,7 +6,8 @@ Before a single tensor is read, every shard's header is parsed and checked again
 entries are reported at once. Then shards stream in one at a time, with progress.
 
 Weight modes: `native` keeps FP8/FP4 weights and runs the quantised linears; `bf16` dequantises every linear at
-load (to the model dtype); `fp8` converts FP4 experts exactly to FP8 blocks (for GPUs without FP4 units).
+load (to the model dtype); `fp8` converts FP4 experts exactly to FP8 blocks (for GPUs without FP4 units); `int8`
+requantises the dense linears to W8A8 with per-channel scales and dequantises experts to bf16 (Ascend A2/A3).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from ..reference import ExpertWeights
 from ..reference import quant as Q
 from .linear import Weight
 
-WEIGHT_MODES = ("native", "bf16", "fp8")
+WEIGHT_MODES = ("native", "bf16", "fp8", "int8")
 ST_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu, "BF16": torch.bfloat16,
              "F16": torch.float16, "F32": torch.float32, "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8,
              "I32": torch.int32, "I64": torch.int64}
@@ -258,8 +259,11 @@ def prepare(cfg: ModelConfig, raw: dict, formats: dict, dtype, device, weights: 
     for name, spec in expected_tensors(cfg).items():
         if spec.kind in ("linear", "expert", "flinear"):
             w, s, fmt = raw.pop(name + ".weight"), raw.pop(name + ".scale", None), formats[name]
-            weight = _prepare_linear(w, s, fmt, weights, dtype, name.endswith("attn.wo_a"), scale_fmt)
-            if ".ffn.experts." in name or ".ffn.shared_experts." in name:
+            is_expert = ".ffn.experts." in name or ".ffn.shared_experts." in name
+            # int8 W8A8 covers the dense linears; experts go to bf16 (the grouped GEMM runs bf16 there)
+            mode = "bf16" if weights == "int8" and is_expert else weights
+            weight = _prepare_linear(w, s, fmt, mode, dtype, name.endswith("attn.wo_a"), scale_fmt)
+            if is_expert:
                 base, which = name.rsplit(".", 1)
                 key = base.rsplit(".", 1)[0] if ".ffn.experts." in name else base
                 eid = int(base.rsplit(".", 1)[1]) if ".ffn.experts." in name else 0
@@ -280,6 +284,11 @@ def prepare(cfg: ModelConfig, raw: dict, formats: dict, dtype, device, weights: 
 
 
 def _prepare_linear(w, s, fmt, mode, dtype, dequant_always, scale_fmt):
+    if mode == "int8" and not dequant_always:      # W8A8: requantise per output channel from the exact weights
+        full = w.float() if fmt == "bf16" else (Q.dequant_fp8_weight(w, s) if fmt == "fp8" else
+                                                Q.dequant_fp4_weight(w, s))
+        q, ws = Q.quant_int8_weight(full)
+        return Weight(q, ws, "int8")
     if fmt == "bf16":  # float storage; wo_a stays a plain tensor (the grouped einsum views it per group)
         return w.to(dtype) if dequant_always else Weight(w.to(dtype))
     if mode == "bf16" or dequant_always:  # wo_a runs as a bf16 einsum, as in DeepSeek's reference

@@ -37,6 +37,10 @@ def devices_main(args) -> int:
                 if skipped:
                     line += "   skipped: " + ", ".join(skipped)
                 print(line)
+        if args.explain and b.device_type == "npu" and not reasons:   # where each vendor op was found
+            from .backends.ascend import vendor_ops
+            for op, where in sorted(vendor_ops.resolved_ops().items()):
+                print(f"    vendor op {op:28s} {where}")
     usable = [n for n, b in BACKENDS.items() if not b.availability()]
     print(f"summary: {len(usable)} of {len(BACKENDS)} backends usable here: {', '.join(usable)}")
     return 0

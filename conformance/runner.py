@@ -81,7 +81,7 @@ def _tree(obj) -> list[torch.Tensor]:
 
 
 def _shapes(args: tuple, op) -> tuple[dict, dict]:
-    names = op._params
+    names = op.params
     shapes, dtypes = {}, {}
     for i, a in enumerate(args):
         name = names[i] if i < len(names) else f"arg{i}"

@@ -199,6 +199,11 @@ class Op:
         self._plan_key: tuple | None = None
         self._plan: list[Provider] = []
 
+    @property
+    def params(self) -> list[str]:
+        """The op's argument names, in order (those of its reference function)."""
+        return list(self._params)
+
     def tolerance(self, dtype: torch.dtype | str | None = None) -> Tolerance:
         """The tolerance for outputs of `dtype` (keys: "bfloat16", "float16", "float32", ..., "default")."""
         key = str(dtype).replace("torch.", "") if dtype is not None else "default"

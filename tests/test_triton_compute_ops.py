@@ -131,6 +131,26 @@ def check_fp4_linear():
             _assert_tol("fp4_linear", out, ref, 256, f"fp4_linear uint8 packing, scale_fmt None {dt}")
 
 
+def check_float_linear():
+    """Float weights (bf16 weight mode, the fp32 head): bf16 x bf16, fp32 x fp32 and mixed, ragged M / N / K tiles,
+    a strided x, and batch invariance within an M bucket."""
+    g = _gen(4)
+    for m in (1, 20, 70):
+        for xdt, wdt in ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                         (torch.float16, torch.float16), (torch.float32, torch.bfloat16)):
+            x = (torch.randn(m, 208, generator=g) * 2).to(xdt)
+            w = (torch.randn(136, 208, generator=g) * 0.1).to(wdt)
+            out, ref = _run_both("linear", x, w)
+            _assert_tol("linear", out, ref, 208, f"linear M={m} x {xdt} w {wdt}")
+    x = torch.randn(3, 9, 256, generator=g)[:, :, :224]
+    out, ref = _run_both("linear", x, torch.randn(72, 224, generator=g).to(torch.bfloat16))
+    _assert_tol("linear", out, ref, 224, "linear with a strided 3-D x")
+    x, w = torch.randn(12, 128, generator=g).to(torch.bfloat16), torch.randn(64, 128, generator=g).to(torch.bfloat16)
+    full, _ = _run_both("linear", x, w)
+    one, _ = _run_both("linear", x[3:4], w)
+    assert torch.equal(full[3:4], one), "linear: row 3 alone differs from its row in the batch"
+
+
 def check_fp4_to_fp8_conversion():
     """The load-time conversion is exact: the reference gives the same bits for the FP4 weight and for its FP8
     conversion, and the Triton FP8 GEMM on the converted weight matches within tolerance."""

@@ -97,6 +97,12 @@ def v4_cases():
                   (torch.empty(4096, 4096, dtype=bf16, **meta), torch.empty(4096, 4096, dtype=fp8, **meta),
                    torch.empty(32, 32, dtype=torch.float32, **meta))))
     for m in (1, 4096):
+        cases.append((f"linear bf16 M={m} N=1024 K=4096 (bf16 weight mode)", "linear",
+                      (torch.empty(m, 4096, dtype=bf16, **meta), torch.empty(1024, 4096, dtype=bf16, **meta))))
+    cases.append(("linear fp32 head M=1 N=129280 K=4096", "linear",
+                  (torch.empty(1, 4096, dtype=torch.float32, **meta),
+                   torch.empty(129280, 4096, dtype=torch.float32, **meta))))
+    for m in (1, 4096):
         cases.append((f"fp4_linear M={m} N=2048 K=4096", "fp4_linear",
                       (torch.empty(m, 4096, dtype=bf16, **meta), torch.empty(2048, 2048, dtype=u8, **meta),
                        torch.empty(2048, 128, dtype=torch.float8_e8m0fnu, **meta))))

@@ -147,3 +147,38 @@ def fp4_weight_as_fp8(w: torch.Tensor, w_scale: torch.Tensor):
     paths agree with it within the op tolerance (their accumulation orders differ). If a block raises, keep
     that expert in FP4 (fp4_linear / the fp4 path of moe_experts computes it exactly)."""
     return fp4_to_fp8_weight(w, w_scale)
+
+
+# ----------------------------------------------------------------------------------------------- float weights
+def _supports_float(x, w):
+    reasons = device_reasons(x, w)
+    for name, t in (("x", x), ("w", w)):
+        if t.dtype not in _FLOAT_OUT:
+            reasons.append(f"'{name}' dtype {t.dtype} not supported (bf16, fp16, fp32; fp64 runs on the reference)")
+    if not w.is_contiguous():
+        reasons.append("w must be contiguous (weights are prepared once at load)")
+    if w.shape[1] % 16:
+        reasons.append(f"K={w.shape[1]} is not a multiple of 16 (tensor-core tiles)")
+    return reasons
+
+
+@register("linear", "triton", "cuda", available=triton_availability, supports=_supports_float,
+          note="Triton GEMM for float weights (bf16 weight mode, the fp32 head): fp32 accumulation")
+def linear_triton(x, w):
+    import triton.language as tl
+    from .tl_helpers import dot_precision, tl_dtype
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m, (n, k) = x2.shape[0], w.shape
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m and n:
+        cfg = plan_tiles(m, n, _num_sms(x.device))
+        interp = interpret_mode()
+        exact16 = x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16)
+        # the interpreter's bf16 dot is wrong (DESIGN.md section 3): fp32 there, exact for bf16 inputs anyway
+        dot_dt = tl_dtype(x.dtype) if exact16 and not interp else tl.float32
+        launch(_kernels().float_gemm_kernel, (_cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]),), x2, w, out, m, n,
+               k, x2.stride(0), out.stride(0), OUT_DT=tl_dtype(x.dtype), DOT_DT=dot_dt,
+               PRECISION=dot_precision(dot_dt), INTERPRET=interp, BLOCK_K=64 if dot_dt != tl.float32 else 32, **cfg)
+    return out.view(*x.shape[:-1], n)

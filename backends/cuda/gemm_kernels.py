@@ -88,3 +88,27 @@ def fp4_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, stride_am, str
         acc += tl.dot(a.to(DOT_DT), tl.trans(w.to(DOT_DT)))
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, cast_out(acc, OUT_DT, INTERPRET), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def float_gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_cm,
+                      OUT_DT: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """C[M, N] = A[M, K] @ B[N, K]^T with fp32 accumulation over K in BLOCK_K steps (a fixed order per element).
+    bf16/fp16 operands multiply on the tensor cores (exact products); fp32 operands use exact fp32 ("ieee")."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * K + offs_k[:, None]          # [BLOCK_K, BLOCK_N], K-major
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        a = tl.load(a_ptrs + k0, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs + k0, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc += tl.dot(a.to(DOT_DT), b.to(DOT_DT), input_precision=PRECISION)
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, cast_out(acc, OUT_DT, INTERPRET), mask=mask_m[:, None] & mask_n[None, :])

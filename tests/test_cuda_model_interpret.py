@@ -39,7 +39,7 @@ def test_tiny_model_on_triton_kernels_matches_reference():
     # Every hot op ran a Triton kernel, not the reference under the cuda name.
     cuda_ops = out["cuda"]["providers"]
     for op in ("sparse_attn", "indexer_topk", "compressor", "hc_pre", "hc_post", "moe_route", "moe_experts",
-               "fp8_linear", "rms_norm", "rope", "quant_fp8", "hadamard", "linear"):
+               "fp8_linear", "rms_norm", "rope", "quant_fp8", "hadamard", "linear", "grouped_linear"):
         assert set(cuda_ops[op]) == {"triton"}, (op, cuda_ops[op])
     assert all(set(p) == {"reference"} for p in out["cpu"]["providers"].values())
     # bf16 activations with kernel-order accumulation: DESIGN.md's bf16 tolerance on logits, plus DeepSeek's

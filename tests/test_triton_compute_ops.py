@@ -149,6 +149,12 @@ def check_float_linear():
     full, _ = _run_both("linear", x, w)
     one, _ = _run_both("linear", x[3:4], w)
     assert torch.equal(full[3:4], one), "linear: row 3 alone differs from its row in the batch"
+    # grouped (wo_a): per-group products over [.., G, K] activations
+    for dt in (torch.bfloat16, torch.float32):
+        x = torch.randn(2, 5, 4, 96, generator=g).to(dt)
+        w = (torch.randn(4, 40, 96, generator=g) * 0.1).to(dt)
+        out, ref = _run_both("grouped_linear", x, w)
+        _assert_tol("grouped_linear", out, ref, 96, f"grouped_linear {dt}")
 
 
 def check_fp4_to_fp8_conversion():

@@ -182,3 +182,31 @@ def linear_triton(x, w):
                k, x2.stride(0), out.stride(0), OUT_DT=tl_dtype(x.dtype), DOT_DT=dot_dt,
                PRECISION=dot_precision(dot_dt), INTERPRET=interp, BLOCK_K=64 if dot_dt != tl.float32 else 32, **cfg)
     return out.view(*x.shape[:-1], n)
+
+
+def _supports_grouped(x, w):
+    return _supports_float(x, w[0]) if w.shape[0] else ["no groups"]
+
+
+@register("grouped_linear", "triton", "cuda", available=triton_availability, supports=_supports_grouped,
+          note="the float GEMM once per group (wo_a: 8 groups on V4-Flash, 16 on Pro)")
+def grouped_linear_triton(x, w):
+    import triton.language as tl
+    from .tl_helpers import dot_precision, tl_dtype
+    g_count, n, k = w.shape
+    x3 = x.reshape(-1, g_count, k)
+    if x3.stride(-1) != 1 or x3.stride(1) != k:
+        x3 = x3.contiguous()
+    m = x3.shape[0]
+    out = torch.empty(m, g_count, n, dtype=x.dtype, device=x.device)
+    if m and n:
+        cfg = plan_tiles(m, n, _num_sms(x.device))
+        interp = interpret_mode()
+        exact16 = x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16)
+        dot_dt = tl_dtype(x.dtype) if exact16 and not interp else tl.float32
+        for grp in range(g_count):       # rows of group grp: x3[:, grp] (row stride G*K) -> out[:, grp] (G*N)
+            launch(_kernels().float_gemm_kernel, (_cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]),),
+                   x3[:, grp], w[grp], out[:, grp], m, n, k, x3.stride(0), out.stride(0), OUT_DT=tl_dtype(x.dtype),
+                   DOT_DT=dot_dt, PRECISION=dot_precision(dot_dt), INTERPRET=interp,
+                   BLOCK_K=64 if dot_dt != tl.float32 else 32, **cfg)
+    return out.view(*x.shape[:-2], g_count, n)

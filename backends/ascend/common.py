@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import sys
+import weakref
+from typing import Callable
 
 import torch
 
@@ -34,3 +36,16 @@ def availability(name: str, namespaces: tuple[str, ...], chips=("A2", "A3", "950
                     f"(SoC {chip_mod.soc_version()})"]
         return []
     return available
+
+
+_PREPARED: dict[tuple[int, str], object] = {}
+
+
+def prepared(owner, tag: str, make: Callable[[], object]):
+    """Weight re-layouts the vendor ops need, made once per weight (`make()` on first use) and dropped when the
+    weight is: the prepare step runs at the first call instead of every call."""
+    key = (id(owner), tag)
+    if key not in _PREPARED:
+        _PREPARED[key] = make()
+        weakref.finalize(owner, _PREPARED.pop, key, None)
+    return _PREPARED[key]

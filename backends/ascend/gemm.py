@@ -6,8 +6,6 @@ A2 and A3 have no FP8 arithmetic: there the checkpoint's FP8/FP4 weights are deq
 the model runs the plain `linear` op, so this provider declines on them with that reason."""
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from dsv4_portable import ops
@@ -15,19 +13,14 @@ from dsv4_portable.reference.quant import FP8_LINEAR_BLOCK
 from dsv4_portable.registry import register
 
 from . import vendor_ops
-from .common import availability, device_reasons
+from .common import availability, device_reasons, prepared
 
 QMM = ("npu_quant_matmul", ("torch_npu", "npu"))
-_LAYOUT: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # id(weight) -> re-laid weight, dropped with it
 
 
 def _weight_layout(w: torch.Tensor, w_scale: torch.Tensor):
     """x2 [K, N] and its scales [K/128, N/128] fp32, made once per weight (the op reads the transposed weight)."""
-    key = id(w)
-    if key not in _LAYOUT:
-        _LAYOUT[key] = (w.t().contiguous(), w_scale.float().t().contiguous())
-        weakref.finalize(w, _LAYOUT.pop, key, None)
-    return _LAYOUT[key]
+    return prepared(w, "fp8 x2", lambda: (w.t().contiguous(), w_scale.float().t().contiguous()))
 
 
 def _supports(x, w, w_scale, scale_fmt="ue8m0"):
@@ -52,16 +45,12 @@ def fp8_linear_cann(x, w, w_scale, scale_fmt="ue8m0"):
 
 # ----------------------------------------------------------------------------------------------- int8 W8A8
 DQ = ("npu_dynamic_quant", ("torch_npu", "npu"))
-_INT8_LAYOUT: dict[int, torch.Tensor] = {}
 
 
 def _int8_weight_layout(w: torch.Tensor) -> torch.Tensor:
-    """x2 [K, N], made once per weight (on a real NPU the FRACTAL_NZ cast via npu_format_cast would go here)."""
-    key = id(w)
-    if key not in _INT8_LAYOUT:
-        _INT8_LAYOUT[key] = vendor_ops.call("npu_format_cast", ("torch_npu", "npu"), w.t().contiguous(), 2)
-        weakref.finalize(w, _INT8_LAYOUT.pop, key, None)
-    return _INT8_LAYOUT[key]
+    """x2 [K, N], made once per weight (ND format; FRACTAL_NZ, format 29, is the faster layout to try on hardware)."""
+    return prepared(w, "int8 x2", lambda: vendor_ops.call("npu_format_cast", ("torch_npu", "npu"),
+                                                           w.t().contiguous(), 2))
 
 
 def _supports_int8(x, w, w_scale):

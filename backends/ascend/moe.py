@@ -9,8 +9,6 @@ the documented fused SwiGLU ops either quantise their output or use a different 
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 
@@ -19,7 +17,7 @@ from dsv4_portable.reference.quant import linear_f32
 from dsv4_portable.registry import register
 
 from . import vendor_ops
-from .common import availability, device_reasons
+from .common import availability, device_reasons, prepared
 
 GATING = ("npu_moe_gating_top_k", ("torch_npu", "custom"))
 INIT_ROUTING = ("npu_moe_init_routing_v2", ("torch_npu", "npu"))
@@ -53,16 +51,10 @@ def moe_route_cann(x, gate_weight, bias, tid2eid, input_ids, topk, score_func="s
 
 
 # ----------------------------------------------------------------------------------------------- experts
-_PREPARED: dict[int, tuple] = {}      # id(ExpertWeights) -> re-laid weights, dropped with the ExpertWeights
-
-
 def prepared_experts(ew: ExpertWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The grouped GEMM's weight layout [E, K, N] (w1, w3: [E, D, I]; w2: [E, I, D]), made once per weight set."""
-    key = id(ew)
-    if key not in _PREPARED:
-        _PREPARED[key] = tuple(w.transpose(1, 2).contiguous() for w in (ew.w1, ew.w3, ew.w2))
-        weakref.finalize(ew, _PREPARED.pop, key, None)
-    return _PREPARED[key]
+    return prepared(ew, "gmm [E, K, N]",
+                    lambda: tuple(w.transpose(1, 2).contiguous() for w in (ew.w1, ew.w3, ew.w2)))
 
 
 def _supports_experts(x, idx, weights, experts, shared=None, swiglu_limit=0.0):
@@ -76,8 +68,6 @@ def _supports_experts(x, idx, weights, experts, shared=None, swiglu_limit=0.0):
                            "dtype")
     if x.dtype not in (torch.bfloat16, torch.float16):
         reasons.append(f"activations {x.dtype}; npu_grouped_matmul takes bf16/fp16 (fp32 runs on the reference)")
-    if not reasons and bool((idx < 0).any()):
-        reasons.append("slots without an expert (-1); npu_moe_init_routing_v2 needs every id in [0, E)")
     return reasons
 
 
@@ -107,8 +97,12 @@ def _expert_rows(x_rows, ew, counts, weight, limit):
           supports=_supports_experts, note="npu_moe_init_routing_v2 + npu_grouped_matmul, ordered combine")
 def moe_experts_cann(x, idx, weights, experts, shared=None, swiglu_limit=0.0):
     t, k = idx.shape
+    # Slots without an expert (-1, EP padding) go to expert 0 with routing weight 0: the weight is applied before
+    # w2, so their rows come back exactly 0 and add nothing, as in the reference, without a host-side check.
+    routed = idx >= 0
+    weights = torch.where(routed, weights.float(), 0.0)
     expanded, row_of_slot, counts, _ = vendor_ops.call(
-        *INIT_ROUTING, x, idx.to(torch.int32), active_num=t * k, expert_num=experts.num_experts,
+        *INIT_ROUTING, x, idx.clamp_min(0).to(torch.int32), active_num=t * k, expert_num=experts.num_experts,
         expert_tokens_num_type=1, expert_tokens_num_flag=True, row_idx_type=0)
     row_of_slot = row_of_slot.long()
     slot_weight = torch.empty(t * k, dtype=torch.float32, device=x.device)

@@ -93,23 +93,45 @@ def _float_metrics(out: torch.Tensor, ref: torch.Tensor) -> Comparison:
     return Comparison(True, max_abs, max_rel, 0.0, similarity(o, r))
 
 
-def compare_topk_sets(out: torch.Tensor, ref: torch.Tensor, scores: torch.Tensor, name: str) -> Comparison:
-    """Index rows [..., K] with -1 padding. A row passes when its valid indices are distinct and their scores are
-    the same multiset as the reference row's (any member of a tie may be chosen; order is free)."""
+def compare_topk_sets(out: torch.Tensor, ref: torch.Tensor, scores: torch.Tensor, name: str,
+                      tol: Tolerance | None = None) -> Comparison:
+    """Index rows [..., K] with -1 padding, judged against the reference's scores [..., N] (-inf = invisible).
+
+    A row passes when it is a valid top-k set: as many valid indices as the reference row, all distinct and
+    visible, and none beaten by an unselected visible entry, i.e. min(selected scores) >= max(unselected scores)
+    - eps. Any member of a tie may be chosen and order is free. eps = tol.atol + tol.rtol * max|score| of the row
+    (0 by default: exact ties only; a provider that computes the scores in lower precision may state a margin).
+    """
     out, ref, scores = out.cpu().long(), ref.cpu().long(), scores.cpu().double()
     if out.shape != ref.shape:
         return Comparison(False, message=f"{name}: shape {list(out.shape)}, reference {list(ref.shape)}")
     o2, r2, s2 = out.reshape(-1, out.shape[-1]), ref.reshape(-1, ref.shape[-1]), scores.reshape(-1, scores.shape[-1])
-    bad = 0
-    first = None
+    n = s2.shape[1]
+    bad, first, why = 0, None, ""
     for i in range(o2.shape[0]):
         ov, rv = o2[i][o2[i] >= 0], r2[i][r2[i] >= 0]
-        ok = (ov.numel() == rv.numel() and ov.unique().numel() == ov.numel() and bool((ov < s2.shape[1]).all())
-              and torch.equal(s2[i][ov].sort().values, s2[i][rv].sort().values))
-        if not ok:
+        row = s2[i]
+        if ov.numel() != rv.numel():
+            problem = f"{ov.numel()} valid indices, reference {rv.numel()}"
+        elif ov.unique().numel() != ov.numel():
+            problem = "repeated index"
+        elif bool((ov >= n).any()) or bool(torch.isinf(row[ov]).any()):
+            problem = "an invisible or out-of-range index"
+        else:
+            rest = torch.ones(n, dtype=torch.bool)
+            rest[ov] = False
+            rest &= torch.isfinite(row)
+            finite = row[torch.isfinite(row)]
+            eps = 0.0 if tol is None else tol.atol + tol.rtol * (finite.abs().max().item() if finite.numel() else 0.0)
+            lowest = row[ov].min().item() if ov.numel() else math.inf
+            beaten = rest.any() and row[rest].max().item() > lowest + eps
+            problem = f"selected score {lowest:.6g} < unselected {row[rest].max().item():.6g}" if beaten else ""
+        if problem:
             bad += 1
-            first = i if first is None else first
+            if first is None:
+                first, why = i, problem
     frac = bad / max(1, o2.shape[0])
-    msg = "" if not bad else (f"{name}: {bad} of {o2.shape[0]} rows select a different top-k set (first row {first}: "
-                              f"{sorted(o2[first][o2[first] >= 0].tolist())} vs {sorted(r2[first][r2[first] >= 0].tolist())})")
+    msg = "" if not bad else (f"{name}: {bad} of {o2.shape[0]} rows are not a valid top-k set (first row {first}: "
+                              f"{why}; {sorted(o2[first][o2[first] >= 0].tolist())} vs reference "
+                              f"{sorted(r2[first][r2[first] >= 0].tolist())})")
     return Comparison(bad == 0, 0.0, 0.0, frac, 1.0 - frac, msg)

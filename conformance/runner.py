@@ -3,8 +3,9 @@
 For each case and provider: the case's arguments are built on CPU from its seed, moved to the backend's device,
 run through the provider twice (bitwise determinism), and compared with the reference computed on CPU, in float64
 for float32 cases where the op allows it (bf16 cases, the quantisers and the stateful compressor keep their own
-dtype: their contract includes the intermediate roundings, or is a same-recipe bit pattern). Row-wise ops are also run on batch element 0 alone (batch invariance). A provider that
-declines a case through supports() yields a "skip" record with its reasons; it is never counted as a pass.
+dtype: their contract includes the intermediate roundings, or is a same-recipe bit pattern). Row-wise ops are also
+run on batch element 0 alone (batch invariance). A provider that declines a case through supports() yields a "skip"
+record with its reasons; it is never counted as a pass.
 """
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def _compare(case: Case, out: tuple, expect: tuple, args_cpu: tuple) -> Comparis
         scores = ref.indexer_scores(q.double(), k.double(), w.double())
         n = scores.shape[-1]
         scores = scores.masked_fill(torch.arange(n) >= visible.unsqueeze(-1).long(), float("-inf"))
-        return compare_topk_sets(out[0], expect[0], scores, "idx")
+        return compare_topk_sets(out[0], expect[0], scores, "idx", tol)
     if len(out) != len(expect):
         return Comparison(False, message=f"{len(out)} outputs, reference has {len(expect)}")
     worst = Comparison(True, similarity=1.0)
@@ -203,5 +204,6 @@ def run_cases(cases: Iterable[Case], backend: Backend, policy: str = "chosen",
             r = run_case(case, provider, backend, dev, vers)
             records.append(r)
             extra = f"  {r.message[:160]}" if r.status != "pass" else ""
-            progress(f"[{i}/{len(cases)}] {case.case_id:48s} {provider:12s} {r.status}{extra}")
+            progress(f"[{i}/{len(cases)}] {case.case_id:48s} {provider:12s} {r.status:5s} {r.duration_s:6.2f} s"
+                     f"{extra}")
     return records

@@ -19,7 +19,9 @@ def soc_version() -> int | None:
 
 
 def chip() -> str | None:
-    """'A2', 'A3', '950', or None when unknown (no torch_npu imported, or an unlisted SoC id)."""
+    """'A2', 'A3', '950', or None when unknown (no torch_npu imported, or an unlisted SoC id).
+    The conformance spec keeps its own copy of this table on purpose: it checks the backend, so it must not share
+    the backend's reading of the vendor's ids."""
     soc = soc_version()
     if soc is None:
         return None

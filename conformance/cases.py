@@ -66,8 +66,8 @@ def _randn(g, *shape, dtype=F32, scale=1.0):
 
 
 def _first(*batched: int):
-    """slice0 for ops whose listed argument positions carry the batch in dim 0."""
-    return lambda args: tuple(a[:1] if i in batched else a for i, a in enumerate(args))
+    """slice0 for ops whose listed argument positions carry the batch in dim 0 (None arguments stay None)."""
+    return lambda args: tuple(a[:1] if i in batched and a is not None else a for i, a in enumerate(args))
 
 
 # ----------------------------------------------------------------------------------------------- quantisers
@@ -181,6 +181,37 @@ def attention_cases() -> list[Case]:
         cases.append(Case("sparse_attn", f"sparse_attn/decode_long_list/{n}", 42, dt,
                           lambda g, dt=dt: _attn_args(g, dt, b=3, s=1, n=300, k=200), k=200, slice0=_first(0, 1, 3),
                           large=True))
+
+    def window_args(g, dt, p0, s, ratio, csa=False, sink_mode="random", b=2, h=4, d=64, w=16):
+        """A window_sparse_attn step at positions p0..p0+s-1: ring of w slots, new rows, compressed entries
+        (two more rows than are visible, which must never be read) and, for CSA, a top-k list with -1 padding
+        and one not-yet-visible entry that must be ignored."""
+        q = _randn(g, b, s, h, d, dtype=dt)
+        ring, kv = _randn(g, b, w, d, dtype=dt), _randn(g, b, s, d, dtype=dt)
+        sink = {"random": _randn(g, h), "-inf": torch.full((h,), float("-inf")), "huge": torch.full((h,), 1e4)}[
+            sink_mode]
+        comp = topk = None
+        if ratio:
+            n = (p0 + s) // ratio + 2
+            comp = _randn(g, b, n, d, dtype=dt)
+        if csa:
+            k = min(6, n)
+            topk = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(b * s)]).view(b, s, k).int()
+            topk[:, :, 0] = n - 1
+            topk[0, :, 1:3] = -1
+        return q, ring, kv, comp, topk, sink, d ** -0.5, p0, ratio
+
+    for dt in (BF16, F32):
+        n = str(dt).split(".")[-1]
+        for label, p0, s, ratio, csa, sink in (("window_prefill", 0, 20, 0, False, "random"),
+                                               ("window_decode_wrapped", 37, 1, 0, False, "-inf"),
+                                               ("hca_chunked", 9, 6, 8, False, "random"),
+                                               ("hca_decode_before_first_entry", 6, 1, 8, False, "huge"),
+                                               ("csa_prefill", 0, 13, 4, True, "random"),
+                                               ("csa_decode", 29, 1, 4, True, "random")):
+            cases.append(Case("window_sparse_attn", f"window_sparse_attn/{label}/{n}", 46, dt,
+                              lambda g, dt=dt, a=(p0, s, ratio, csa, sink): window_args(g, dt, *a[:4], sink_mode=a[4]),
+                              k=16 + s + 8, slice0=_first(0, 1, 2, 3, 4)))
 
     def indexer_args(g, dt, ties=False):
         b, s, h, di, n = 2, 4, 4, 32, 24

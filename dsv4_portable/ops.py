@@ -133,6 +133,28 @@ sparse_attn = define_op(
     _float_tol(bf16_atol=2e-3, f32_atol=2e-5), _check_sparse_attn)
 
 
+def _check_window_attn(q, window, kv, comp, topk, sink, scale, start_pos, ratio):
+    _need(isinstance(scale, float) and scale > 0,
+          f"window_sparse_attn: 'scale' must be a positive float, got {scale!r}")
+    _need(_is_int(start_pos) and start_pos >= 0,
+          f"window_sparse_attn: 'start_pos' must be an int >= 0, got {start_pos!r}")
+    _need(_is_int(ratio) and ratio >= 0, f"window_sparse_attn: 'ratio' must be an int >= 0, got {ratio!r}")
+    _need(window.shape[1] >= 1, "window_sparse_attn: 'window' must hold at least one slot")
+    if ratio == 0:
+        _need(comp is None and topk is None,
+              "window_sparse_attn: a window-only layer (ratio 0) takes no 'comp' and no 'topk'")
+    else:
+        _need(comp is not None, f"window_sparse_attn: ratio {ratio} needs the compressed entries 'comp'")
+
+
+window_sparse_attn = define_op(
+    "window_sparse_attn", ref.window_sparse_attn,
+    [Arg("q", "B S H D"), Arg("window", "B W D", same_dtype="q"), Arg("kv", "B S D", same_dtype="q"),
+     Arg("comp", "B N D", optional=True, same_dtype="q"), Arg("topk", "B S K", "int32", optional=True),
+     Arg("sink", "H", "f32")],
+    _float_tol(bf16_atol=2e-3, f32_atol=2e-5), _check_window_attn)
+
+
 def _check_indexer(q, k, w, visible, topk):
     _need(_is_int(topk) and topk > 0, f"indexer_topk: 'topk' must be a positive int, got {topk!r}")
 

@@ -252,7 +252,7 @@ class Op:
     def candidates(self, backend: "Backend | None" = None) -> list[Provider]:
         """The providers the backend would try for this op, in order (reference last)."""
         backend = backend or active_backend()
-        key = (backend.name, len(self.providers))
+        key = (backend.name, tuple(backend.preference), len(self.providers))  # preference may change (tests)
         if key != self._plan_key:
             own = [p for p in self.providers if p.device_type == backend.device_type]
             rank = {n: i for i, n in enumerate(backend.preference)}

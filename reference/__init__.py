@@ -2,7 +2,8 @@
 
 Runs on any torch device; computes in fp32 (fp64 when given fp64) and follows DESIGN.md section 2 exactly.
 """
-from .attention import compressed_indices, indexer_scores, indexer_topk, sparse_attn, window_indices
+from .attention import (compressed_indices, indexer_scores, indexer_topk, sparse_attn, window_indices,
+                        window_sparse_attn)
 from .compression import compress_pool, compressor
 from .rotation import hadamard
 from .mhc import hc_head, hc_post, hc_pre, sinkhorn
@@ -14,7 +15,7 @@ from .quant import (dequant_fp4, dequant_fp4_weight, dequant_fp8, dequant_fp8_we
 from .rotary import Yarn, rope, rope_cos_sin, rope_inv_freq
 
 __all__ = [
-    "compressed_indices", "indexer_scores", "indexer_topk", "sparse_attn", "window_indices", "compress_pool",
+    "compressed_indices", "indexer_scores", "indexer_topk", "sparse_attn", "window_indices", "window_sparse_attn", "compress_pool",
     "compressor", "hadamard", "hc_head", "hc_post", "hc_pre", "sinkhorn", "ExpertWeights", "expert_forward",
     "moe_experts", "moe_route", "ordered_combine", "rms_norm", "dequant_fp4", "dequant_fp4_weight", "dequant_fp8",
     "dequant_fp8_weight", "fp4_decode", "fp4_encode", "fp4_linear", "fp4_roundtrip", "fp4_to_fp8_weight",

@@ -137,3 +137,45 @@ def compressed_indices(positions: torch.Tensor, n_entries: int, ratio: int, offs
     c = torch.arange(n_entries, device=positions.device)
     vis = (positions.to(torch.int64).unsqueeze(-1) + 1) // ratio
     return torch.where(c < vis, c + offset, torch.full_like(c, -1)).to(torch.int32)
+
+
+def window_sparse_attn(q: torch.Tensor, window: torch.Tensor, kv: torch.Tensor, comp: torch.Tensor | None,
+                       topk: torch.Tensor | None, sink: torch.Tensor, scale: float, start_pos: int,
+                       ratio: int) -> torch.Tensor:
+    """One V4 attention step: S new queries over the sliding window and the compressed entries of their layer.
+
+    q: [B, S, H, D] queries at absolute positions start_pos .. start_pos+S-1;
+    window: [B, W, D] the ring of cached rows: the row of position p < start_pos sits in slot p % W (slots older
+    than start_pos - W are stale and never read); kv: [B, S, D] this step's rows (same positions as q);
+    comp: [B, N, D] the layer's compressed entries (entry c pools positions [c*ratio, (c+1)*ratio)), or None when
+    ratio == 0; topk: [B, S, K] int32 the indexer's choice of distinct entries (CSA, ratio 4), -1 padded, or None
+    to attend to every visible entry (HCA); sink: [H] float32; scale: softmax scale; start_pos, ratio: ints.
+
+    The query at position p sees positions max(0, p-W+1) .. p, and compressed entry c iff c < (p+1) // ratio
+    (entries of `topk` that are not visible are ignored). It is `sparse_attn` over the rows [window | kv | comp]
+    with those index lists (window first, oldest first, -1 before position 0), so every property of sparse_attn
+    holds. The op exists so a backend sees the structure (ring, new rows, compressed store, ratio) that fused
+    kernels take (paged window + compressed caches, window masks) instead of a flat index list, and so no
+    provider has to copy the caches into one workspace. Returns q's dtype.
+    """
+    rows, idx = window_workspace(window, kv, comp, topk, start_pos, ratio)
+    return sparse_attn(q, rows, sink, idx, scale)
+
+
+def window_workspace(window: torch.Tensor, kv: torch.Tensor, comp: torch.Tensor | None, topk: torch.Tensor | None,
+                     start_pos: int, ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat form of a `window_sparse_attn` step: rows [B, W+S(+N), D] = [window | kv | comp] and the int32
+    index lists [B, S, W(+N or K)] into them. Device-side tensor ops only (no host sync)."""
+    b, s = kv.shape[:2]
+    w = window.shape[1]
+    pos = torch.arange(start_pos, start_pos + s, device=kv.device)
+    slot = lambda p: torch.where(p < start_pos, p % w, w + p - start_pos)  # noqa: E731  ring slot or new row
+    rows, idx = [window, kv], [window_indices(pos, w, slot).expand(b, s, w)]
+    if ratio:
+        rows.append(comp)
+        if topk is None:
+            idx.append(compressed_indices(pos, comp.shape[1], ratio, w + s).expand(b, s, comp.shape[1]))
+        else:
+            visible = ((pos + 1) // ratio).view(1, s, 1)
+            idx.append(torch.where((topk >= 0) & (topk < visible), topk + (w + s), -1).to(torch.int32))
+    return torch.cat(rows, dim=1), torch.cat(idx, dim=-1).contiguous()

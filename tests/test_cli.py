@@ -24,7 +24,7 @@ def test_run_tiny_prints_tokens_and_summary(capsys):
     assert len(summary["generated_tokens"]) == 3
     assert summary["prompt_tokens"] == 32
     assert summary["kv_cache_layout"] == "fp8" and summary["kv_cache_bytes"] > 0
-    assert set(summary["providers"]["sparse_attn"]) == {"reference"}
+    assert set(summary["providers"]["window_sparse_attn"]) == {"reference"}
 
 
 def test_plan_flash_1m(capsys):

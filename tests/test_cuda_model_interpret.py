@@ -38,7 +38,7 @@ def test_tiny_model_on_triton_kernels_matches_reference():
     assert out["cuda"]["simulated"] and not out["cpu"]["simulated"]
     # Every hot op ran a Triton kernel, not the reference under the cuda name.
     cuda_ops = out["cuda"]["providers"]
-    for op in ("sparse_attn", "indexer_topk", "compressor", "hc_pre", "hc_post", "moe_route", "moe_experts",
+    for op in ("window_sparse_attn", "indexer_topk", "compressor", "hc_pre", "hc_post", "moe_route", "moe_experts",
                "fp8_linear", "rms_norm", "rope", "quant_fp8", "hadamard", "linear", "grouped_linear"):
         assert set(cuda_ops[op]) == {"triton"}, (op, cuda_ops[op])
     assert all(set(p) == {"reference"} for p in out["cpu"]["providers"].values())

@@ -155,3 +155,60 @@ def test_index_builders():
     assert ring.tolist() == [[-1, -1, -1, 0], [2, 3, 0, 1], [1, 2, 3, 0]]
     comp = A.compressed_indices(torch.tensor([2, 3, 8]), 3, 4, offset=10)
     assert comp.tolist() == [[-1, -1, -1], [10, -1, -1], [10, 11, -1]]
+
+
+def dense_by_position(q, hist, comp, sink, scale, p0, window, ratio, chosen=None):
+    """Independent form of window_sparse_attn: every key addressed by its absolute position. hist[b, p] is the
+    kv row of position p; the query at p sees positions p-window+1..p (>= 0) and compressed entries
+    c < (p+1)//ratio (restricted to `chosen[b][i]` for CSA). float64 dense softmax with a sink column."""
+    b, s, h, d = q.shape
+    out = torch.zeros(b, s, h, d, dtype=torch.float64)
+    for bi in range(b):
+        for i in range(s):
+            p = p0 + i
+            keys = [hist[bi, j] for j in range(max(0, p - window + 1), p + 1)]
+            if ratio:
+                vis = [c for c in range(comp.shape[1]) if c < (p + 1) // ratio]
+                if chosen is not None:
+                    vis = [c for c in vis if c in chosen[bi][i]]
+                keys += [comp[bi, c] for c in vis]
+            k = torch.stack(keys).double()                                          # [n, d]
+            logits = torch.einsum("hd,nd->hn", q[bi, i].double(), k) * scale
+            p_all = torch.cat([logits, sink.double().view(h, 1)], -1).softmax(-1)[:, :-1]
+            out[bi, i] = p_all @ k
+    return out
+
+
+@pytest.mark.parametrize("p0,s,ratio,csa", [(0, 9, 0, False), (5, 3, 0, False), (13, 1, 4, False),
+                                            (6, 7, 4, True), (21, 1, 4, True), (30, 4, 8, False)])
+def test_window_sparse_attn_matches_attention_by_position(p0, s, ratio, csa):
+    g = torch.Generator().manual_seed(p0 * 31 + s)
+    b, h, d, w = 2, 4, 32, 8
+    hist = torch.randn(b, p0 + s, d, generator=g, dtype=torch.float64)
+    ring = torch.randn(b, w, d, generator=g, dtype=torch.float64)       # stale slots hold noise
+    for p in range(max(0, p0 - w), p0):
+        ring[:, p % w] = hist[:, p]
+    q = torch.randn(b, s, h, d, generator=g, dtype=torch.float64)
+    sink = torch.randn(h, generator=g, dtype=torch.float64)
+    comp = topk = chosen = None
+    if ratio:
+        comp = torch.randn(b, (p0 + s) // ratio + 2, d, generator=g, dtype=torch.float64)   # + unwritten rows
+    if csa:   # a top-k list per query: some visible entries, one invisible (must be ignored), -1 padding
+        n = comp.shape[1]
+        topk = torch.stack([torch.randperm(n, generator=g)[:5] for _ in range(b * s)]).view(b, s, 5).int()
+        topk[:, :, -1] = -1
+        topk[:, :, 0] = n - 1                                           # never visible: n-1 >= (p0+s)//ratio + 1
+        chosen = [[set(topk[bi, i].tolist()) for i in range(s)] for bi in range(b)]
+    out = ops.window_sparse_attn(q, ring, hist[:, p0:], comp, topk, sink, d ** -0.5, p0, ratio)
+    ref = dense_by_position(q, hist, comp, sink, d ** -0.5, p0, w, ratio, chosen)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_window_sparse_attn_rejects_inconsistent_structure():
+    q, ring, kv, sink = torch.randn(1, 2, 4, 32), torch.randn(1, 8, 32), torch.randn(1, 2, 32), torch.randn(4)
+    with pytest.raises(OpInputError, match="needs the compressed entries 'comp'"):
+        ops.window_sparse_attn(q, ring, kv, None, None, sink, 0.1, 0, 4)
+    with pytest.raises(OpInputError, match="ratio 0"):
+        ops.window_sparse_attn(q, ring, kv, torch.randn(1, 3, 32), None, sink, 0.1, 0, 0)
+    with pytest.raises(OpInputError, match="'kv' has shape"):
+        ops.window_sparse_attn(q, ring, torch.randn(1, 3, 32), None, None, sink, 0.1, 0, 0)

@@ -64,7 +64,11 @@ def plan_splits(programs: int, k: int, sms: int, min_rows: int) -> tuple[int, in
 
 
 def _supports(q, kv, sink, idx, scale):
-    reasons = device_reasons(q, kv, sink, idx)
+    return device_reasons(q, kv, sink, idx) + _kernel_reasons(q, sink)
+
+
+def _kernel_reasons(q, sink):
+    reasons = []
     if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         reasons.append(f"q dtype {q.dtype} not supported (bf16, fp16, fp32; fp64 runs on the reference)")
     d = q.shape[-1]
@@ -116,3 +120,17 @@ def sparse_attn_triton(q, kv, sink, idx, scale):
                part_o, part_ml, sink, out, s, h, d, n_splits, out.stride(0), out.stride(1), out.stride(2),
                BLOCK_D=_next_pow2(d), num_warps=4, **meta)
     return out
+
+
+def _window_supports(q, window, kv, comp, topk, sink, scale, start_pos, ratio):
+    return device_reasons(*(t for t in (q, window, kv, comp, topk, sink) if t is not None)) + _kernel_reasons(q, sink)
+
+
+@register("window_sparse_attn", "triton", "cuda", available=triton_availability, supports=_window_supports,
+          note="the sparse_attn kernel over [window | new rows | compressed entries] gathered into one workspace")
+def window_sparse_attn_triton(q, window, kv, comp, topk, sink, scale, start_pos, ratio):
+    # The copy into one workspace costs O(cache) per step; a kernel reading the three sources in place is the
+    # next step (the index lists are already built on the device, without a host sync).
+    from dsv4_portable.reference.attention import window_workspace
+    rows, idx = window_workspace(window, kv, comp, topk, start_pos, ratio)
+    return sparse_attn_triton(q, rows, sink, idx, scale)

@@ -4,7 +4,7 @@
 
 Parameters keep DeepSeek's checkpoint names (`layers.3.attn.wq_a`, ...); `Weights` maps a name to the tensor (or
 to a prepared `Weight` / `ExpertWeights`). One forward handles prefill, decode and chunked prefill: the attention
-of a step sees [window ring | this step's rows | compressed entries] through per-query index lists, so the three
+of a step (`window_sparse_attn`) sees the window ring, this step's rows and the compressed entries, so the three
 cases are the same code path.
 """
 from __future__ import annotations
@@ -72,24 +72,15 @@ class Attention:
         if quant:  # QAT: the non-rope dims of every KV entry are FP8 values (blocks of 64)
             kv = torch.cat([ops.fp8_roundtrip(kv[..., :cfg.nope_head_dim], 64), kv[..., cfg.nope_head_dim:]], -1)
 
-        # kv rows visible to this step: [window ring | this step's rows | compressed entries]
-        parts, idx = [lc.window.read(), kv], [self._window_idx(pos, p0, s)]
+        comp = topk = None
         if ratio:
-            n_comp = (p0 + s) // ratio
             new = ops.compressor(x, *self.comp[:2], self.comp[2], self.comp[3], cos_t, sin_t, lc.comp_state.kv,
                                  lc.comp_state.score, p0, ratio, False, quant, cfg.norm_eps)
             lc.comp.write(new, p0 // ratio)
-            parts.append(lc.comp.read(n_comp))
+            comp = lc.comp.read((p0 + s) // ratio)
             if ratio == 4:
-                top = self._indexer(x, qr, lc, p0, pos, cos, sin, cos_t, sin_t, quant)
-                idx.append(torch.where(top >= 0, top + w + s, top))
-            else:
-                c = torch.arange(n_comp, device=x.device)
-                vis = (pos + 1).unsqueeze(-1) // ratio
-                idx.append(torch.where(c < vis, c + w + s, -1).unsqueeze(0).expand(b, s, n_comp))
-        ws = torch.cat(parts, dim=1)
-        idx = torch.cat([i.expand(b, s, i.shape[-1]) for i in idx], -1).to(torch.int32).contiguous()
-        o = ops.sparse_attn(q, ws, self.sink, idx, hd ** -0.5)
+                topk = self._indexer(x, qr, lc, p0, pos, cos, sin, cos_t, sin_t, quant)
+        o = ops.window_sparse_attn(q, lc.window.read(), kv, comp, topk, self.sink, hd ** -0.5, p0, ratio)
         o = ops.rope(o, cos, sin, inverse=True)
 
         keep = min(s, w)                                     # the ring keeps the last `window` positions
@@ -98,14 +89,6 @@ class Attention:
         g = cfg.o_groups
         o = ops.grouped_linear(o.view(b, s, g, -1), self.wo_a.view(g, cfg.o_lora_rank, -1))
         return linear(o.flatten(2), self.wo_b)
-
-    def _window_idx(self, pos, p0, s):
-        """Rows of the workspace for each query's window: ring slot for cached positions, W + offset for this
-        step's rows, -1 before position 0. [1, S, W]."""
-        w = self.cfg.window_size
-        wp = pos.unsqueeze(-1) + torch.arange(-w + 1, 1, device=pos.device)
-        rows = torch.where(wp < p0, wp % w, w + wp - p0)
-        return torch.where(wp >= 0, rows, -1).unsqueeze(0)
 
     def _indexer(self, x, qr, lc, p0, pos, cos, sin, cos_t, sin_t, quant):
         cfg = self.cfg

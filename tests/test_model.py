@@ -219,3 +219,99 @@ def test_text_prompts_with_tokenizer_json(ckpt, tmp_path):
     assert out.tokens == same.tokens and out.texts == [tok.decode(out.tokens[0])]
     with pytest.raises(ModelInputError, match="no tokenizer.json"):
         dsv4.load_model(ckpt, quiet=True).generate("text needs a tokenizer")
+
+
+# ----------------------------------------------------------------------------------------------- streaming loader
+class ReadLog:
+    """Wraps safetensors.safe_open in the loader and records every tensor actually read."""
+
+    def __init__(self, monkeypatch):
+        from dsv4_portable.model import checkpoint
+        real, self.names = checkpoint.safe_open, []
+        log = self
+
+        class Handle:
+            def __init__(self, *a, **k):
+                self.cm = real(*a, **k)
+
+            def __enter__(self):
+                self.fh = self.cm.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return self.cm.__exit__(*exc)
+
+            def keys(self):
+                return self.fh.keys()
+
+            def get_tensor(self, name):
+                log.names.append(name)
+                return self.fh.get_tensor(name)
+        monkeypatch.setattr(checkpoint, "safe_open", Handle)
+
+
+def test_keep_expert_never_reads_dropped_experts_and_shards_like_ep(ckpt, model32, monkeypatch):
+    from dsv4_portable.ep.moe import local_experts
+    from dsv4_portable.ep.placement import ExpertPlacement
+    placement = ExpertPlacement.contiguous(CFG.n_routed_experts, 2)
+    mine = set(placement.local_logical(1))                  # rank 1 of 2: experts 4..7
+    log = ReadLog(monkeypatch)
+    part = dsv4.load_model(ckpt, dtype="fp32", quiet=True, keep_expert=lambda layer, e: e in mine)
+    read_experts = {int(n.split(".ffn.experts.")[1].split(".")[0]) for n in log.names if ".ffn.experts." in n}
+    assert read_experts == mine
+    assert len(log.names) == len(set(log.names))            # each tensor read once
+    for full_block, part_block in zip(model32.net.layers + model32.net.mtp, part.net.layers + part.net.mtp):
+        ew = part_block.ffn.experts
+        assert ew.ids == tuple(sorted(mine)) and ew.num_experts == len(mine)
+        want, got = local_experts(full_block.ffn.experts, placement, 1), local_experts(ew, placement, 1)
+        for f in ("w1", "w2", "w3", "s1", "s2", "s3"):
+            assert torch.equal(getattr(want, f), getattr(got, f)), f
+        assert torch.equal(part_block.ffn.shared.w1, full_block.ffn.shared.w1)
+    with pytest.raises(ValueError, match=r"experts \[0\] were not loaded"):
+        part.net.layers[1].ffn.experts.select(torch.tensor([0]))
+    with pytest.raises(ModelInputError, match="keep_expert"):       # routing picks global ids: needs EP
+        part.forward(ids(5))
+
+
+def test_index_weight_map_is_checked_against_the_headers(ckpt, tmp_path):
+    import shutil
+    bad = tmp_path / "index"
+    shutil.copytree(ckpt, bad)
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    wm = index["weight_map"]
+    first, second = sorted(set(wm.values()))[:2]
+    moved = next(k for k, v in sorted(wm.items()) if v == first)
+    wm[moved] = second
+    dropped = next(k for k, v in sorted(wm.items()) if v == second and k != moved)
+    del wm[dropped]
+    wm["layers.0.ghost.weight"] = first
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError) as e:
+        dsv4.load_model(bad, quiet=True)
+    msg = str(e.value)
+    assert f"maps '{moved}' to {second}, but it is in {first}" in msg
+    assert f"'{dropped}' is in {second} but not listed" in msg
+    assert "maps 'layers.0.ghost.weight' to" in msg and "no such tensor" in msg
+
+
+def test_bad_tid2eid_is_refused_before_any_weight_is_read(tmp_path, monkeypatch):
+    def mutate(t):
+        t["layers.0.ffn.gate.tid2eid"][5, 0] = CFG.n_routed_experts
+        t["layers.0.ffn.gate.tid2eid"][9, 1] = -1
+    path = _copy(None, tmp_path, mutate)
+    log = ReadLog(monkeypatch)
+    with pytest.raises(CheckpointError, match=r"layers.0.ffn.gate.tid2eid: 2 entries outside \[0, 8\) "
+                                              r"\(min -1, max 8\)"):
+        dsv4.load_model(path, quiet=True)
+    assert log.names == ["layers.0.ffn.gate.tid2eid"]
+
+
+def test_load_progress_in_a_log_and_summary_line(ckpt, capsys):
+    dsv4.load_model(ckpt, dtype="fp32")
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("weights: cpu: native (auto")
+    done = [l for l in err if l.endswith("MiB/s") and "done" in l]
+    assert [l.split(" shard ")[1].split()[0] for l in done] == ["1/3", "2/3", "3/3"]
+    assert "(100%)" in done[-1] and not any("\r" in l for l in err)
+    assert err[-1].startswith(f"loaded {len(json.loads((ckpt / 'model.safetensors.index.json').read_text())['weight_map'])} tensors")
+    assert "from 3 shard(s)" in err[-1] and "weights=native" in err[-1]

@@ -146,6 +146,9 @@ class MoE:
                                cfg.score_func, cfg.route_scale)
         if self.ep is not None:
             return self.ep.moe(self.layer, t, idx, w).view_as(x)
+        if self.experts.ids is not None:
+            raise ModelInputError(f"layer {self.layer} holds only experts {list(self.experts.ids)} (loaded with "
+                                  "keep_expert); its MoE runs only with expert parallelism (ep.model.EPContext)")
         y = ops.moe_experts(t, idx, w, self.experts, self.shared, cfg.swiglu_limit)
         return y.view_as(x)
 

@@ -315,3 +315,55 @@ def test_load_progress_in_a_log_and_summary_line(ckpt, capsys):
     assert "(100%)" in done[-1] and not any("\r" in l for l in err)
     assert err[-1].startswith(f"loaded {len(json.loads((ckpt / 'model.safetensors.index.json').read_text())['weight_map'])} tensors")
     assert "from 3 shard(s)" in err[-1] and "weights=native" in err[-1]
+
+
+# ----------------------------------------------------------------------------------------------- cache hot path
+def _no_host_reads(monkeypatch):
+    def refuse(*_a, **_k):
+        raise AssertionError("a cache write read a tensor back to the host")
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+@pytest.mark.parametrize("layout", ["plain", "fp8"])
+def test_ring_and_slot_writes_store_each_row_in_its_slot_without_host_reads(layout, monkeypatch):
+    from dsv4_portable.model.cache import EntryStore, KeyStore
+    from dsv4_portable.reference import quant as Q
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(2, 5, 128, generator=g).bfloat16()
+    if layout == "fp8":   # what the store can hold exactly: FP8 blocks of 64 in the non-rope dims, bf16 rope dims
+        want_rows = torch.cat([Q.fp8_roundtrip(rows[..., :64], 64), rows[..., 64:]], -1)
+    else:
+        want_rows = rows
+    keys = torch.randn(2, 3, 128, generator=g).bfloat16()
+    want_keys = Q.fp4_roundtrip(keys, 32) if layout == "fp8" else keys
+    ring, slots = EntryStore(2, 16, 128, 64, torch.bfloat16, "cpu", layout), \
+        EntryStore(2, 16, 128, 64, torch.bfloat16, "cpu", layout)
+    ks = KeyStore(2, 8, 128, torch.bfloat16, "cpu", layout)
+    _no_host_reads(monkeypatch)
+    ring.write_ring(rows, 30)                           # positions 30..34 -> slots 14, 15, 0, 1, 2 (wraps)
+    slots.write_slots(rows, torch.arange(30, 35) % 16)
+    ks.write(keys, 4)
+    monkeypatch.undo()
+    for store in (ring, slots):
+        got = store.read()
+        assert torch.equal(got[:, [14, 15, 0, 1, 2]], want_rows)
+        assert not got[:, 3:14].any()                   # nothing else touched
+    assert torch.equal(ks.read(7)[:, 4:], want_keys) and not ks.read(4).any()
+
+
+def test_generate_checks_prompt_ids_once_on_the_lists(ckpt, monkeypatch):
+    from dsv4_portable.model.transformer import Transformer
+    m = dsv4.load_model(ckpt, dtype="bf16", quiet=True)
+    seen = []
+    real = Transformer._check_ids
+    monkeypatch.setattr(Transformer, "_check_ids", lambda self, x, c, values=True: (seen.append(values),
+                                                                                  real(self, x, c, values)))
+    m.generate([[5, 6, 7]], max_new_tokens=4)
+    assert seen and not any(seen)                       # no device-side range check in prefill or decode
+    seen.clear()
+    with pytest.raises(ModelInputError, match=r"token ids must be in \[0, 1024\); got 1024, 5000"):
+        m.generate([[5, 1024], [5000, 3]], max_new_tokens=2)
+    assert not seen                                     # refused before any forward
+    m.forward(torch.tensor([[5, 6]]))
+    assert seen == [True, False]                        # user ids through forward: checked once

@@ -146,3 +146,25 @@ def test_module_level_explain_names_the_provider_and_the_skips(temp_provider):
         registry.explain("nope")
     with pytest.raises(dsv4.UnknownDeviceError, match="tpu"):
         registry.explain("rms_norm", backend="tpu")
+
+
+@pytest.mark.parametrize("capability, want", [((8, 0), "fp8"), ((9, 0), "fp8"), ((10, 0), "native"),
+                                               ((12, 0), "native")])
+def test_auto_weights_on_cuda_follow_the_fp4_units(monkeypatch, capability, want):
+    from dsv4_portable import devices
+    monkeypatch.setattr(devices, "cuda_simulated", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    mode, why = dsv4.get_backend("cuda").weight_mode("auto")
+    assert mode == want and f"sm_{capability[0]}{capability[1]}" in why
+    assert ("no FP4 matrix units" in why) == (want == "fp8")
+    assert dsv4.get_backend("cuda").weight_mode("bf16")[0] == "bf16"        # an explicit choice is kept
+
+
+def test_auto_weights_on_cpu_and_ascend(monkeypatch):
+    assert dsv4.get_backend("cpu").weight_mode("auto")[0] == "native"
+    assert dsv4.get_backend("cpu").weight_mode("fp8")[0] == "fp8"
+    from dsv4_portable.backends.ascend import weights
+    for chip, want in (("A2", "bf16"), ("A3", "bf16"), ("950", "native")):
+        monkeypatch.setattr(weights, "chip", lambda c=chip: c)
+        mode, why = dsv4.get_backend("ascend").weight_mode("auto")
+        assert mode == want and chip in why and why.startswith("auto: ")

@@ -284,6 +284,7 @@ class LoadProgress:
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.done, self.t0, self.last_live, self.last_decile = 0, time.perf_counter(), 0.0, 0
+        self.last_line = self.t0
 
     def _line(self, what: str) -> str:
         dt = max(time.perf_counter() - self.t0, 1e-9)
@@ -291,6 +292,7 @@ class LoadProgress:
                 f"({100 * self.done / self.total:.0f}%) {what}, {_fmt_bytes(self.done / dt)}/s")
 
     def _print(self, msg: str, live: bool) -> None:
+        self.last_line = time.perf_counter()
         if not self.quiet:
             print(("\r" + msg + "\x1b[K") if live else msg, end="" if live else "\n", file=self.stream, flush=True)
 
@@ -303,8 +305,9 @@ class LoadProgress:
                 self._print(self._line(where), True)
             return
         decile = 10 * self.done // self.total
-        if self.last_decile < decile < 10:           # 100% is said by the shard's own line
-            self.last_decile = decile
+        # within a long shard, a line per 10% (not for loads that take no time; 100% is the shard's own line)
+        if self.last_decile < decile < 10 and now - self.last_line >= 1.0:
+            self.last_decile, self.last_line = decile, now
             self._print(self._line(where), False)
 
     def shard_done(self, shard: int, name: str) -> None:

@@ -226,8 +226,11 @@ def plan_main(args) -> int:
     from .config import load_config
     from .plan import format_plan, plan
     if args.context < 1 or args.batch < 1:
-        raise SystemExit("error: --context and --batch must be >= 1")
+        raise UsageError(f"--context and --batch must be >= 1, got --context {args.context} --batch {args.batch}")
     cfg = load_config(args.config)
+    if args.context > cfg.max_position_embeddings:
+        raise UsageError(f"--context {args.context} exceeds the model's max_position_embeddings "
+                         f"{cfg.max_position_embeddings}")
     p = plan(cfg, args.context, args.batch)
     print(json.dumps(p, indent=1) if args.json else format_plan(p))
     return 0

@@ -111,3 +111,28 @@ def test_weight_bytes_by_mode():
     assert native["experts"] == 44 * fp4_expert_layer                # 43 layers + MTP
     assert fp8["experts"] > 1.8 * native["experts"] and bf16["experts"] == 44 * 3 * e * i * d * 2
     assert 140 < native["total"] / GIB < 160                         # ~149 GB of safetensors plus fp32 head/norms
+
+
+def test_deepseek_fp8_layout_is_derived_from_the_config():
+    from dsv4_portable.plan import deepseek_fp8_entry_bytes
+    # DESIGN.md 6: 584 B per entry (448 e4m3 + 64 bf16 rope dims + 7 ue8m0 scales + pad), indexer keys 132 B
+    assert deepseek_fp8_entry_bytes(load_preset("flash")) == (584, 132)
+    assert deepseek_fp8_entry_bytes(load_preset("pro")) == (584, 132)
+    # another shape: 192 non-rope dims (3 scales) + 64 rope dims -> 192 + 128 + 3 = 323, padded to 328;
+    # indexer 64 e4m3 + one fp32 scale = 68
+    small = load_preset("flash").replace(head_dim=256, index_head_dim=128, rope_head_dim=64)
+    assert deepseek_fp8_entry_bytes(small) == (328, 132)
+    assert deepseek_fp8_entry_bytes(small.replace(index_head_dim=256)) == (328, 264)
+    assert deepseek_fp8_kv_bytes(small, 2 ** 20) == 21 * (2 ** 20 // 4) * (328 + 132) + 20 * (2 ** 20 // 128) * 328
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--context", "1048577"], "exceeds the model's max_position_embeddings 1048576"),
+    (["--context", "0"], "--context and --batch must be >= 1"),
+    (["--batch", "0"], "--context and --batch must be >= 1"),
+])
+def test_plan_rejects_impossible_sizes(capsys, argv, needle):
+    from dsv4_portable.cli import main
+    assert main(["plan", "--config", "flash", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]

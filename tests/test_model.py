@@ -87,15 +87,59 @@ def test_fp8_cache_layout_is_bitwise_equal_to_plain(ckpt):
         dsv4.load_model(ckpt, dtype="bf16", quant_sim=False, quiet=True).new_cache(1, 8, "fp8")
 
 
+def _fp8_activation_error_bound(x, w):
+    """Elementwise bound on |act_quant(x) @ W^T - x @ W^T| for W [N, K] float32 and the FP8 block-128 activation
+    rule: e4m3 has 3 mantissa bits, so rounding x/s moves it by at most half an ulp, |v| * 2^-4 for normal values
+    and 2^-10 below the smallest normal 2^-6 (in units of the block's power-of-two scale s); summed through |W|.
+    Plus fp32 accumulation slack (K * 2^-24 relative to sum |x||W|)."""
+    from dsv4_portable.reference.quant import quant_fp8
+    _, s = quant_fp8(x, 128)
+    s = s.repeat_interleave(128, -1)
+    err = torch.maximum(x.abs() * 2.0 ** -4, s * 2.0 ** -10)
+    return err @ w.abs().t() + x.shape[-1] * 2.0 ** -24 * (x.abs() @ w.abs().t())
+
+
 def test_weight_modes_agree(ckpt):
+    from dsv4_portable.model.linear import Weight, linear
+    from dsv4_portable.reference import ExpertWeights
+    from dsv4_portable.reference.moe import expert_linear
+    from dsv4_portable.reference.quant import dequant_fp4_weight, dequant_fp8_weight
+    models = {w: dsv4.load_model(ckpt, dtype="fp32", weights=w, quiet=True) for w in ("native", "bf16", "fp8")}
     x = ids(40, seed=6)
-    logits = {w: dsv4.load_model(ckpt, dtype="fp32", weights=w, quiet=True).forward(x, all_logits=True)
-              for w in ("native", "bf16", "fp8")}
-    # bf16 mode dequantises the same FP8/FP4 values; fp8 mode converts FP4 experts exactly: same weights,
-    # only the activation quantisation of dequantised linears differs (bf16 mode runs plain matmuls).
+    logits = {w: m.forward(x, all_logits=True) for w, m in models.items()}
+    # fp8 mode converts FP4 experts exactly to FP8 blocks: the same numbers, bit for bit
     assert torch.equal(logits["native"], logits["fp8"])
     sim = torch.nn.functional.cosine_similarity(logits["native"].flatten(), logits["bf16"].flatten(), 0)
     assert sim > 0.99, sim
+    # Per linear: bf16 mode holds exactly the dequantised weights and runs the plain matmul; native runs the
+    # quantised linear, which differs only by the FP8 rounding of the activations, within its derived bound.
+    g = torch.Generator().manual_seed(0)
+    native, bf16 = models["native"].net.params, models["bf16"].net.params
+    checked, worst = 0, 0.0
+    for name, wn in native.items():
+        if isinstance(wn, Weight) and wn.fmt in ("fp8", "fp4"):
+            pairs = [(lambda a, wn=wn: linear(a, wn), lambda a, n=name: linear(a, bf16[n]),
+                      dequant_fp8_weight(wn.w, wn.scale) if wn.fmt == "fp8" else dequant_fp4_weight(wn.w, wn.scale),
+                      bf16[name].w)]
+        elif isinstance(wn, ExpertWeights) and wn.fmt != "bf16":
+            deq = dequant_fp8_weight if wn.fmt == "fp8" else dequant_fp4_weight
+            pairs = [(lambda a, e=e, k=k, ew=wn: expert_linear(a, ew, k, e),
+                      lambda a, e=e, k=k, ew=bf16[name]: expert_linear(a, ew, k, e),
+                      deq(getattr(wn, k)[e], getattr(wn, "s" + k[1])[e]), getattr(bf16[name], k)[e])
+                     for e in (0, wn.num_experts - 1) for k in ("w1", "w2", "w3")]
+        else:
+            continue
+        for run_native, run_bf16, w_deq, w_bf16 in pairs:
+            assert torch.equal(w_bf16, w_deq), name
+            a = torch.randn(16, w_deq.shape[1], generator=g)
+            a[3, :128] *= 1e-3                           # a block with small values (subnormal FP8 codes)
+            diff = (run_native(a) - run_bf16(a)).abs()
+            bound = _fp8_activation_error_bound(a, w_deq)
+            assert (diff <= bound).all(), (name, (diff / bound).max())
+            assert diff.max() > 0, name                  # native really quantises the activations
+            worst = max(worst, (diff / bound).max().item())
+            checked += 1
+    assert checked > 40 and worst > 0.05, (checked, worst)  # every quantised linear; the bound is not vacuous
 
 
 def test_quant_sim_changes_numerics_only_slightly(ckpt):

@@ -151,11 +151,33 @@ def test_quant_sim_changes_numerics_only_slightly(ckpt):
 
 
 def test_mtp_block_runs_on_main_hidden_states(model32):
+    """MTP wiring assembled by hand from DeepSeek's MTPBlock: e = enorm(embed(t+1)), x = hnorm(hidden_t),
+    x = e_proj(e) (broadcast over the 4 streams) + h_proj(x), then the MTP layer's block on its own cache, then
+    its hc_head, its norm and the shared fp32 head. Reference functions only (not the registry ops)."""
+    from dsv4_portable import reference as R
+    net, cfg = model32.net, CFG
     x = ids(20, seed=8)
     cache = model32.new_cache(1, 20)
-    logits, hidden = model32.net.forward(x, cache, all_logits=True, return_hidden=True)
-    mtp = model32.net.mtp_forward(hidden[:, :-1], x[:, 1:], cache)
-    assert mtp.shape == (1, 19, CFG.vocab_size) and torch.isfinite(mtp).all()
+    logits, hidden = net.forward(x, cache, all_logits=True, return_hidden=True)
+    mtp = net.mtp_forward(hidden[:, :-1], x[:, 1:], cache)
+    assert mtp.shape == (1, 19, CFG.vocab_size) and torch.isfinite(mtp).all() and cache.mtp_pos == 19
+
+    p, eps = net.params, cfg.norm_eps
+
+    def lin(a, wt):
+        assert wt.fmt == "fp8"
+        return R.fp8_linear(a, wt.w, wt.scale, wt.scale_fmt)
+    e = R.rms_norm(net.embed[x[:, 1:]], p["mtp.0.enorm.weight"], eps)
+    h = R.rms_norm(hidden[:, :-1], p["mtp.0.hnorm.weight"], eps)
+    h = lin(e, p["mtp.0.e_proj"])[:, :, None, :] + lin(h, p["mtp.0.h_proj"])
+    fresh = model32.new_cache(1, 20)
+    h = net.mtp[0](h, x[:, 1:], fresh.mtp[0], 0, net.rope, net.quant_sim)
+    y = R.hc_head(h, p["mtp.0.hc_head_fn"], p["mtp.0.hc_head_scale"], p["mtp.0.hc_head_base"], eps, cfg.hc_eps)
+    want = R.linear(R.rms_norm(y, p["mtp.0.norm.weight"], eps).float(), net.head)
+    assert torch.equal(mtp, want)
+    # not the main model's head path: the MTP block's own hc_head and norm make a difference
+    main = R.linear(R.rms_norm(R.hc_head(h, *net.hc_head, eps, cfg.hc_eps), net.norm, eps).float(), net.head)
+    assert not torch.allclose(main, want)
 
 
 def test_generate_greedy_and_seeded_sampling(ckpt):

@@ -14,7 +14,7 @@ import torch
 
 from .config import ModelConfig, load_config
 from .model.cache import KVCache
-from .model.checkpoint import CheckpointError, load_params
+from .model.checkpoint import WEIGHT_MODES, CheckpointError, load_params
 from .model.generate import Generation, generate
 from .model.transformer import ModelInputError, Transformer
 from .registry import set_backend
@@ -69,23 +69,27 @@ def _as_ids(x) -> torch.Tensor:
     return torch.tensor(x if x and isinstance(x[0], (list, tuple)) else [x], dtype=torch.int64)
 
 
-def load_model(path: str | pathlib.Path = "tiny", device: str = "cpu", dtype="bf16", weights: str = "native",
-               quant_sim: bool = True, quiet: bool = False) -> Model:
+def load_model(path: str | pathlib.Path = "tiny", device: str = "cpu", dtype="bf16", weights: str = "auto",
+               quant_sim: bool = True, quiet: bool = False, keep_expert=None) -> Model:
     """Load a checkpoint directory (or "tiny", the built-in model) onto `device` (cpu, cuda or ascend).
 
-    dtype: activation dtype (bf16 default; fp32 for exact comparisons). weights: native (keep FP8/FP4), bf16
-    (dequantise at load) or fp8 (FP4 experts -> FP8). quant_sim: DeepSeek's QAT simulation (on by default)."""
+    dtype: activation dtype (bf16 default; fp32 for exact comparisons). weights: auto (the default: the backend
+    decides, see `Backend.weight_mode`: native on cpu; on cuda fp8 below compute capability 10, where GPUs have
+    no FP4 matrix units, else native; on ascend bf16 on A2/A3, native on the 950), native (keep FP8/FP4), bf16
+    (dequantise at load), fp8 (FP4 experts -> FP8, lossless) or int8 (W8A8 dense linears, bf16 experts).
+    The choice and its reason are printed and kept in `model.weight_note`. quant_sim: DeepSeek's QAT simulation
+    (on by default). keep_expert(layer, expert) -> bool: load only these routed experts (expert parallelism;
+    see model.checkpoint.load_params for the contract)."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r} (choose {', '.join(DTYPES)})")
         dtype = DTYPES[dtype]
     backend = set_backend(device)                 # fails here, with the reason, if the device cannot run
-    weight_note = None
-    if backend.name == "ascend":                  # the chip decides what the checkpoint's FP8/FP4 weights become
-        from .backends.ascend.weights import weight_mode_for
-        weights, weight_note = weight_mode_for(weights)
-        if not quiet:
-            print(weight_note, file=sys.stderr)
+    if weights != "auto" and weights not in WEIGHT_MODES:
+        raise CheckpointError(f"unknown weight mode {weights!r} (choose auto, {', '.join(WEIGHT_MODES)})")
+    weights, weight_note = backend.weight_mode(weights)
+    if not quiet:
+        print(f"weights: {weight_note}", file=sys.stderr)
     if str(path) == "tiny":
         from .model.tiny import tiny_checkpoint
         path = tiny_checkpoint(quiet=quiet)
@@ -94,11 +98,11 @@ def load_model(path: str | pathlib.Path = "tiny", device: str = "cpu", dtype="bf
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     cfg = load_config(path)
     tdev = backend.torch_device()
-    params = load_params(path, cfg, dtype, tdev, weights, quiet)
+    params = load_params(path, cfg, dtype, tdev, weights, quiet, keep_expert)
     tokenizer = None
     if (path / "tokenizer.json").exists():
         from tokenizers import Tokenizer
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     model = Model(Transformer(cfg, params, dtype, tdev, quant_sim), device, path, tokenizer)
-    model.weight_note = weight_note
+    model.weights, model.weight_note = weights, weight_note
     return model

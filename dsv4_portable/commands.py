@@ -47,18 +47,24 @@ def devices_main(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- run
+class UsageError(ValueError):
+    """A command-line value that cannot work (the CLI prints it as one `error:` line, exit code 2)."""
+
+
 def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="checkpoint directory, or 'tiny' (built-in, the default)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or ascend")
-    p.add_argument("--prompt", default=None, help="text (needs tokenizer.json) or comma-separated token ids")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text (needs tokenizer.json) or comma-separated token ids; repeat for a batch of prompts")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="bf16", help="activation dtype: bf16 or fp32")
-    p.add_argument("--weights", default="native", choices=["native", "bf16", "fp8", "int8"],
-                   help="native (checkpoint formats), bf16 (dequantise), fp8 (FP4 experts -> FP8), int8 (W8A8 "
-                        "dense linears, bf16 experts; Ascend A2/A3)")
+    p.add_argument("--weights", default="auto", choices=["auto", "native", "bf16", "fp8", "int8"],
+                   help="auto (the device decides: native on cpu, fp8 on GPUs without FP4 units, bf16 on Ascend "
+                        "A2/A3), native (checkpoint formats), bf16 (dequantise), fp8 (FP4 experts -> FP8), int8 "
+                        "(W8A8 dense linears, bf16 experts; Ascend A2/A3)")
     p.add_argument("--no-quant-sim", action="store_true", help="turn DeepSeek's QAT simulation off")
     p.add_argument("--cache-layout", default="auto", choices=["auto", "fp8", "plain"])
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -67,46 +73,120 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                         "the batch split over ranks")
 
 
-def run_prompt(args, model):
-    if args.prompt is None:
-        return list(range(2, 34)) if model.tokenizer is None else "The quick brown fox"
-    if model.tokenizer is None or all(p.strip().isdigit() for p in args.prompt.split(",")):
-        try:
-            return [int(t) for t in args.prompt.split(",")]
-        except ValueError:
-            raise SystemExit(f"error: {args.model} has no tokenizer.json; --prompt must be comma-separated token ids")
-    return args.prompt
+DEFAULT_IDS = list(range(2, 34))
+DEFAULT_TEXT = "The quick brown fox"
+
+
+def parse_prompts(args, has_tokenizer: bool, where: str = "") -> list:
+    """--prompt values: token-id lists, or text where the checkpoint has a tokenizer. One default prompt."""
+    if not args.prompt:
+        return [DEFAULT_TEXT if has_tokenizer else list(DEFAULT_IDS)]
+    out = []
+    for p in args.prompt:
+        parts = [t.strip() for t in p.split(",")]
+        if parts and all(t.isdigit() for t in parts):
+            out.append([int(t) for t in parts])
+        elif has_tokenizer and p.strip():
+            out.append(p)
+        elif not p.strip():
+            raise UsageError("--prompt is empty")
+        else:
+            raise UsageError(f"--prompt {p!r}: {where or args.model} has no tokenizer.json, so prompts must be "
+                             "comma-separated token ids (e.g. --prompt 5,17,42)")
+    return out
+
+
+def run_prompts(args, model) -> list:
+    """The prompts of `dsv4 run` for a loaded model (text or token-id lists)."""
+    return parse_prompts(args, model.tokenizer is not None)
+
+
+def check_run_args(args):
+    """Every user-input problem of `dsv4 run`, before anything is loaded: returns the model's config."""
+    import pathlib
+
+    from .api import DTYPES
+    from .config import load_config, load_preset
+    if args.ep < 1:
+        raise UsageError(f"--ep must be >= 1, got {args.ep}")
+    registry.set_backend(args.device)            # unknown / unavailable device: its own clear error
+    if args.ep > 1 and args.device != "cpu":
+        raise UsageError(f"--ep {args.ep} runs over the CPU gloo transport only for now; use --device cpu")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.dtype not in DTYPES:
+        raise UsageError(f"--dtype {args.dtype!r} is unknown (choose {', '.join(DTYPES)})")
+    if args.cache_layout == "fp8" and DTYPES[args.dtype] != torch.bfloat16:
+        raise UsageError(f"--cache-layout fp8 keeps bf16 rope dims and needs --dtype bf16, got --dtype {args.dtype}")
+    if args.cache_layout == "fp8" and args.no_quant_sim:
+        raise UsageError("--cache-layout fp8 stores entries exactly only with the QAT simulation on; drop "
+                         "--no-quant-sim or use --cache-layout plain")
+    if args.model == "tiny":
+        cfg, has_tok = load_preset("tiny"), False
+    else:
+        path = pathlib.Path(args.model)
+        if not path.is_dir():
+            raise UsageError(f"--model {args.model}: checkpoint directory does not exist")
+        cfg, has_tok = load_config(path), (path / "tokenizer.json").exists()
+    for p in parse_prompts(args, has_tok):
+        if isinstance(p, list):
+            bad = [t for t in p if t >= cfg.vocab_size]
+            if bad:
+                raise UsageError(f"--prompt: token ids {bad[:8]} are outside the vocabulary [0, {cfg.vocab_size})")
+            if len(p) + args.max_new_tokens > cfg.max_position_embeddings:
+                raise UsageError(f"--prompt of {len(p)} tokens + --max-new-tokens {args.max_new_tokens} exceed "
+                                 f"max_position_embeddings {cfg.max_position_embeddings}")
+    return cfg
+
+
+def _merge_ranks(outs):
+    """One Generation for ranks that ran in parallel: tokens summed, time of the slowest rank."""
+    from .model.generate import Generation
+    return Generation([t for o in outs for t in o.tokens], sum(o.prefill_tokens for o in outs),
+                      max(o.prefill_s for o in outs), sum(o.decode_tokens for o in outs),
+                      max(o.decode_s for o in outs), sum(o.cache_bytes for o in outs),
+                      outs[0].cache_bytes_per_token, outs[0].cache_layout)
 
 
 def run_main(args) -> int:
     from .api import load_model
+    check_run_args(args)
     registry.reset_counts()
-    ep = getattr(args, "ep", 1)
-    if ep < 1:
-        raise SystemExit(f"error: --ep must be >= 1, got {ep}")
+    ep = args.ep
     if ep > 1:
         from .ep.model import run_ep
         ranks = run_ep(args)
         lead = ranks[0]
-        out, counts = lead["generation"], lead["providers"]
+        outs = [r["generation"] for r in ranks if r["generation"] is not None]   # rank order = prompt order
+        counts = lead["providers"]
         model_path = lead["path"]
+        weights = registry.get_backend(args.device).weight_mode(args.weights)[0]
         print(f"ep: {ep} ranks over {lead['transport']}; experts per rank " +
               ", ".join(f"{r['rank']}:{r['local_experts'][0]}-{r['local_experts'][-1]}" for r in ranks) +
               f"; rank 0 ran {lead['moe_calls']} MoE exchanges, the others served them", file=sys.stderr)
+        tokens = [t for o in outs for t in o.tokens]
+        texts = [t for o in outs for t in o.texts] if all(o.texts for o in outs) else []
+        out = _merge_ranks(outs)
     else:
         model = load_model(args.model, device=args.device, dtype=args.dtype, weights=args.weights,
                            quant_sim=not args.no_quant_sim)
-        out = model.generate([run_prompt(args, model)], max_new_tokens=args.max_new_tokens,
+        out = model.generate(run_prompts(args, model), max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                              cache_layout=args.cache_layout, progress=True)
         counts = registry.provider_counts()
-        model_path = model.path
+        model_path, weights = model.path, model.weights
+        tokens, texts = out.tokens, out.texts
     simulated = registry.get_backend(args.device).simulated()
     device = args.device + (f" [simulated: {simulated}]" if simulated else "")
     summary = {
-        "model": str(model_path), "device": device, "ep": ep, "dtype": args.dtype, "weights": args.weights,
+        "model": str(model_path), "device": device, "ep": ep, "dtype": args.dtype, "weights": weights,
         "quant_sim": not args.no_quant_sim, "prompt_tokens": out.prefill_tokens,
-        "generated_tokens": out.tokens[0], "text": out.texts[0] if out.texts else None,
+        "outputs": [{"generated_tokens": t, "text": texts[i] if texts else None} for i, t in enumerate(tokens)],
+        "generated_tokens": tokens[0], "text": texts[0] if texts else None,
         "prefill_tokens_per_s": round(out.prefill_tps, 2), "decode_tokens_per_s": round(out.decode_tps, 2),
         "kv_cache_layout": out.cache_layout, "kv_cache_bytes": out.cache_bytes,
         "kv_cache_bytes_per_token": round(out.cache_bytes_per_token, 1), "providers": counts,
@@ -114,9 +194,11 @@ def run_main(args) -> int:
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0
-    print(f"generated: {out.tokens[0]}")
-    if out.texts:
-        print(f"text: {out.texts[0]!r}")
+    for i, t in enumerate(tokens):
+        label = f"generated[{i}]" if len(tokens) > 1 else "generated"
+        print(f"{label}: {t}")
+        if texts:
+            print(f"{' ' * (len(label) - 4)}text: {texts[i]!r}")
     print(f"prefill: {out.prefill_tokens} tokens at {out.prefill_tps:.1f} tokens/s")
     print(f"decode:  {out.decode_tokens} tokens at {out.decode_tps:.1f} tokens/s")
     print(f"kv cache: {out.cache_layout} layout, {out.cache_bytes / 2**20:.2f} MiB "
@@ -126,8 +208,9 @@ def run_main(args) -> int:
         print(f"  {op:15s} " + ", ".join(f"{p} x{n}" for p, n in per.items()))
     vendor = sum(n for per in counts.values() for p, n in per.items() if p != "reference")
     total = sum(n for per in counts.values() for n in per.values())
-    print(f"summary: {len(out.tokens[0])} tokens on {device}; {vendor} of {total} op calls ran a backend "
-          f"provider, {total - vendor} the reference")
+    n_tok = sum(len(t) for t in tokens)
+    print(f"summary: {n_tok} tokens for {len(tokens)} prompt(s) on {device} (weights {weights}); {vendor} of "
+          f"{total} op calls ran a backend provider, {total - vendor} the reference")
     return 0
 
 
@@ -143,8 +226,11 @@ def plan_main(args) -> int:
     from .config import load_config
     from .plan import format_plan, plan
     if args.context < 1 or args.batch < 1:
-        raise SystemExit("error: --context and --batch must be >= 1")
+        raise UsageError(f"--context and --batch must be >= 1, got --context {args.context} --batch {args.batch}")
     cfg = load_config(args.config)
+    if args.context > cfg.max_position_embeddings:
+        raise UsageError(f"--context {args.context} exceeds the model's max_position_embeddings "
+                         f"{cfg.max_position_embeddings}")
     p = plan(cfg, args.context, args.batch)
     print(json.dumps(p, indent=1) if args.json else format_plan(p))
     return 0

@@ -174,8 +174,7 @@ _ARGS_NAMES = {"moe_inter_dim": "moe_inter_dim", "route_scale": "route_scale", "
                "rope_head_dim": "rope_head_dim", "n_hash_layers": "n_hash_layers", "original_seq_len": "original_seq_len",
                "rope_factor": "rope_factor", "beta_fast": "beta_fast", "beta_slow": "beta_slow",
                "expert_dtype": "expert_dtype", "scale_fmt": "scale_fmt", "score_func": "score_func",
-               "n_activated_experts": "n_activated_experts", "max_seq_len": "max_position_embeddings",
-               "norm_eps": "norm_eps"}
+               "n_activated_experts": "n_activated_experts", "norm_eps": "norm_eps"}
 # Keys that do not change inference; each must hold the value V4 implies (None = any value).
 _HF_FIXED = {
     "architectures": None, "model_type": None, "transformers_version": None, "torch_dtype": None, "dtype": None,
@@ -185,7 +184,9 @@ _HF_FIXED = {
     "attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "first_k_dense_replace": 0, "n_group": 1,
     "topk_group": 1, "topk_method": "noaux_tc", "norm_topk_prob": True, "kv_lora_rank": None,
 }
-_ARGS_FIXED = {"max_batch_size": None, "scale_dtype": None, "n_mtp_layers": None}
+# max_seq_len is the size of the reference code's pre-allocated cache (4096 by default), not the model's context:
+# accepted and ignored (a cache is sized per call: Model.new_cache(batch, max_len)).
+_ARGS_FIXED = {"max_batch_size": None, "scale_dtype": None, "n_mtp_layers": None, "max_seq_len": None}
 
 
 def _parse_rope_scaling(rs, out: dict) -> None:
@@ -234,6 +235,91 @@ def _parse_quantization(q, out: dict) -> None:
     out["dtype"] = "fp8"
 
 
+# transformers' DeepseekV4Config re-saves a config in its own terms: per-layer `layer_types` (without the MTP
+# layer) instead of compress_ratios, `mlp_layer_types` instead of num_hash_layers, `partial_rotary_factor` beside
+# qk_rope_head_dim, `compress_rates`, and `rope_parameters` {"main": ..., "compress": ...} instead of rope_scaling.
+_LAYER_TYPES = {"sliding_attention": 0, "compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+_COMPRESS_RATES = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+_TRANSFORMERS_KEYS = ("layer_types", "mlp_layer_types", "compress_rates", "partial_rotary_factor", "rope_parameters")
+
+
+def _agree(out: dict, field: str, value, key: str, other: str) -> None:
+    """Set out[field] = value, or check that the value another key already gave agrees."""
+    if field in out and out[field] != value:
+        raise ConfigError(f"config key '{key}': implies {field} = {value!r} but '{other}' gives {out[field]!r}", key)
+    out[field] = value
+
+
+def _parse_transformers_keys(tf: dict, raw: dict, out: dict) -> None:
+    n = raw.get("num_hidden_layers")
+    if "compress_rates" in tf and tf["compress_rates"] != _COMPRESS_RATES:
+        raise ConfigError(f"config key 'compress_rates': DeepSeek-V4 uses {_COMPRESS_RATES}, got "
+                          f"{tf['compress_rates']!r}", "compress_rates")
+    if "layer_types" in tf:
+        lt = tf["layer_types"]
+        bad = [t for t in lt if t not in _LAYER_TYPES] if isinstance(lt, list) else lt
+        if bad or len(lt) != n:
+            raise ConfigError(f"config key 'layer_types': needs num_hidden_layers = {n} entries from "
+                              f"{', '.join(_LAYER_TYPES)}; got {len(lt) if isinstance(lt, list) else lt!r} entries"
+                              + (f", unknown {bad}" if bad else ""), "layer_types")
+        ratios = tuple(_LAYER_TYPES[t] for t in lt)
+        if "compress_ratios" in out:
+            given = tuple(out["compress_ratios"])
+            if given[:n] != ratios:
+                i = next((i for i, (a, b) in enumerate(zip(given, ratios)) if a != b), min(len(given), n))
+                raise ConfigError(f"config key 'layer_types': layer {i} is {lt[i]!r} but 'compress_ratios' gives "
+                                  f"{given[i] if i < len(given) else 'nothing'}", "layer_types")
+        else:   # transformers keeps no entry for the MTP layer: both released V4 configs have 0 (window only) there
+            out["compress_ratios"] = ratios + (0,) * raw.get("num_nextn_predict_layers", 1)
+    if "mlp_layer_types" in tf:
+        mt = tf["mlp_layer_types"]
+        k = next((i for i, t in enumerate(mt) if t != "hash_moe"), len(mt)) if isinstance(mt, list) else -1
+        if k < 0 or len(mt) != n or any(t != "moe" for t in mt[k:]):
+            raise ConfigError(f"config key 'mlp_layer_types': needs num_hidden_layers = {n} entries, 'hash_moe' "
+                              f"layers first and 'moe' after them; got {mt!r}", "mlp_layer_types")
+        _agree(out, "n_hash_layers", k, "mlp_layer_types", "num_hash_layers")
+    if "partial_rotary_factor" in tf:
+        f, hd = tf["partial_rotary_factor"], raw.get("head_dim", 512)
+        rd = f * hd if isinstance(f, (int, float)) else None
+        if rd is None or rd != int(rd):
+            raise ConfigError(f"config key 'partial_rotary_factor': {f!r} x head_dim {hd} is not a whole number "
+                              "of dims", "partial_rotary_factor")
+        _agree(out, "rope_head_dim", int(rd), "partial_rotary_factor", "qk_rope_head_dim")
+    rp = tf.get("rope_parameters")
+    if rp is None:
+        return
+    if not isinstance(rp, dict):
+        raise ConfigError(f"config key 'rope_parameters': expected a mapping, got {rp!r}", "rope_parameters")
+    if not ("main" in rp or "compress" in rp):       # the flat form: the same keys as rope_scaling
+        rp = {"compress": rp}
+    unknown = sorted(set(rp) - {"main", "compress"})
+    if unknown:
+        raise ConfigError(f"config key 'rope_parameters.{unknown[0]}' is unknown (main, compress)", "rope_parameters")
+    main, comp = dict(rp.get("main") or {}), dict(rp.get("compress") or {})
+    for part, d, theta in (("main", main, "rope_theta"), ("compress", comp, "compress_rope_theta")):
+        if "rope_theta" in d:
+            _agree(out, theta, d.pop("rope_theta"), f"rope_parameters.{part}.rope_theta", theta)
+        if "partial_rotary_factor" in d:
+            f = d.pop("partial_rotary_factor")
+            _agree(out, "rope_head_dim", int(f * raw.get("head_dim", 512)),
+                   f"rope_parameters.{part}.partial_rotary_factor", "qk_rope_head_dim")
+    kind = main.pop("rope_type", main.pop("type", "default"))
+    if kind != "default" or main:
+        raise ConfigError(f"config key 'rope_parameters.main': V4's window layers use plain RoPE (rope_type "
+                          f"default, no other keys), got {rp['main']!r}", "rope_parameters")
+    if comp.pop("attention_factor", 1.0) not in (1, 1.0):
+        raise ConfigError("config key 'rope_parameters.compress.attention_factor': V4 applies no YaRN "
+                          "attention scale (1.0)", "rope_parameters")
+    yarn: dict = {}
+    kinds = {comp.pop("rope_type", None), comp.pop("type", None)} - {None}
+    if kinds <= {"default"} and not comp:
+        yarn["original_seq_len"] = 0
+    else:
+        _parse_rope_scaling({"type": kinds.pop() if len(kinds) == 1 else sorted(kinds), **comp}, yarn)
+    for field, v in yarn.items():
+        _agree(out, field, v, "rope_parameters.compress", "rope_scaling")
+
+
 _HF_SPELLING = {**_HF_NAMES, "original_seq_len": "rope_scaling.original_max_position_embeddings",
                 "rope_factor": "rope_scaling.factor", "beta_fast": "rope_scaling.beta_fast",
                 "beta_slow": "rope_scaling.beta_slow", "dtype": "quantization_config",
@@ -245,8 +331,11 @@ def from_hf_dict(raw: dict, name: str = "custom") -> ModelConfig:
     rev = {v: k for k, v in _HF_NAMES.items()}
     out: dict = {"dtype": "bf16", "scale_fmt": None, "expert_dtype": "bf16", "name": name}
     quant_seen = "quantization_config" in raw
+    tf: dict = {}
     for k, v in raw.items():
-        if k in rev:
+        if k in _TRANSFORMERS_KEYS:
+            tf[k] = v
+        elif k in rev:
             out[rev[k]] = v
         elif k == "compress_ratios":
             out["compress_ratios"] = tuple(v) if isinstance(v, (list, tuple)) else v
@@ -262,9 +351,11 @@ def from_hf_dict(raw: dict, name: str = "custom") -> ModelConfig:
                 raise ConfigError(f"config key '{k}': DeepSeek-V4 requires {want!r}, got {v!r}")
         else:
             raise ConfigError(f"config key '{k}' is unknown (not part of the DeepSeek-V4 config)")
-    if quant_seen and out["expert_dtype"] == "bf16" and "expert_dtype" not in raw:
+    if quant_seen and out["expert_dtype"] == "bf16" and "expert_dtype" not in raw \
+            and "expert_dtype" not in (raw.get("quantization_config") or {}):
         out["expert_dtype"] = "fp8"  # FP8 checkpoints without an expert_dtype keep FP8 experts
-    if "rope_scaling" not in raw:
+    _parse_transformers_keys(tf, raw, out)
+    if "rope_scaling" not in raw and "original_seq_len" not in out:
         out["original_seq_len"] = 0
     return _build(out, _HF_SPELLING)
 
@@ -342,10 +433,17 @@ def load_preset(name: str) -> ModelConfig:
 
 
 def _from_yaml(path: pathlib.Path) -> ModelConfig:
-    raw = yaml.safe_load(path.read_text())
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path.name} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path.name}: a preset must be a YAML mapping of config keys (key: value lines), got "
+                          f"{type(raw).__name__}")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(raw) - fields)
     if unknown:
         raise ConfigError(f"{path.name}: unknown config key(s): {', '.join(unknown)}")
-    raw["compress_ratios"] = tuple(raw["compress_ratios"])
+    if isinstance(raw.get("compress_ratios"), list):
+        raw["compress_ratios"] = tuple(raw["compress_ratios"])
     return _build({"name": path.stem, **raw})

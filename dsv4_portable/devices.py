@@ -54,13 +54,36 @@ def ascend_simulated() -> str | None:
     return None
 
 
+def cuda_weight_mode(requested: str) -> tuple[str, str]:
+    """weights="auto" on cuda: FP4 experts run natively only where the GPU has FP4 matrix units (compute
+    capability 10 and up, Blackwell); below that they are converted losslessly to FP8 blocks at load."""
+    if requested != "auto":
+        return requested, f"cuda: {requested} (as requested)"
+    if cuda_simulated():
+        return "native", "cuda (simulated on CPU): native (auto: no GPU to ask for FP4 units)"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 10:
+        return "fp8", (f"cuda sm_{major}{minor}: fp8 (auto: no FP4 matrix units below compute capability 10; FP4 "
+                       "experts are converted losslessly to FP8 at load)")
+    return "native", f"cuda sm_{major}{minor}: native (auto: the GPU has FP4 matrix units)"
+
+
+def ascend_weight_mode(requested: str) -> tuple[str, str]:
+    """The chip decides (backends/ascend/weights.py): bf16 on A2/A3 (no FP8/FP4 units), native on the 950."""
+    from .backends.ascend.weights import weight_mode_for
+    mode, why = weight_mode_for("native" if requested == "auto" else requested)
+    return mode, (f"auto: {why}" if requested == "auto" else why)
+
+
 CPU = add_backend(Backend("cpu", "cpu", [], [], None, "The pure-PyTorch reference."))
 CUDA = add_backend(Backend(
     "cuda", "cuda", ["flash_mla", "deep_gemm", "triton"], ["dsv4_portable.backends.cuda"], cuda_availability,
-    "Needs an NVIDIA GPU and a CUDA build of torch; Triton kernels need `pip install triton`.", cuda_simulated))
+    "Needs an NVIDIA GPU and a CUDA build of torch; Triton kernels need `pip install triton`.", cuda_simulated,
+    cuda_weight_mode))
 ASCEND = add_backend(Backend(
     "ascend", "npu", ["cann", "triton_ascend"], ["dsv4_portable.backends.ascend"], ascend_availability,
-    "Needs an Ascend NPU with CANN and the matching torch_npu; see README 'Ascend'.", ascend_simulated))
+    "Needs an Ascend NPU with CANN and the matching torch_npu; see README 'Ascend'.", ascend_simulated,
+    ascend_weight_mode))
 
 
 def interpret_mode() -> bool:

@@ -241,6 +241,17 @@ def _check_route(x, gate_weight, bias, tid2eid, input_ids, topk, score_func="sqr
                                                    f"expected [vocab, {topk}]")
         _need(input_ids.shape == x.shape[:1], f"moe_route: 'input_ids' has shape {list(input_ids.shape)}; "
                                               f"expected [{x.shape[0]}] (one id per row of x)")
+        # Value ranges only for CPU tensors: on a device each check would be a host sync per layer and step. There
+        # the model checks the ids where they enter (Transformer.forward, generate) and the loader checks tid2eid.
+        if input_ids.device.type == "cpu" and tid2eid.device.type == "cpu" and input_ids.numel():
+            v, e = tid2eid.shape[0], gate_weight.shape[0]
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            _need(0 <= lo and hi < v, f"moe_route: 'input_ids' must be in [0, {v}) (the rows of 'tid2eid'), got "
+                                      f"values in [{lo}, {hi}]")
+            picked = tid2eid[input_ids.long()]
+            elo, ehi = int(picked.min()), int(picked.max())
+            _need(0 <= elo and ehi < e, f"moe_route: 'tid2eid' maps these tokens to experts in [{elo}, {ehi}]; "
+                                        f"expert ids must be in [0, {e}) (the rows of 'gate_weight')")
 
 
 moe_route = define_op(

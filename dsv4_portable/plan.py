@@ -5,7 +5,7 @@ All figures are computed from the config (tensor shapes and storage formats), no
 from __future__ import annotations
 
 from .config import ModelConfig
-from .model.cache import kv_bytes_per_sequence
+from .model.cache import entry_bytes, fp8_entry_layout, kv_bytes_per_sequence
 from .model.checkpoint import expected_tensors
 
 GIB = 2 ** 30
@@ -49,23 +49,36 @@ def weight_bytes(cfg: ModelConfig, mode: str) -> dict[str, int]:
     return out
 
 
+def deepseek_fp8_entry_bytes(cfg: ModelConfig) -> tuple[int, int]:
+    """(bytes per compressed KV entry, bytes per indexer key) in DeepSeek's FP8 cache layout, from the config.
+    KV entry: the non-rope dims as e4m3, the rope dims as bf16, one ue8m0 scale per 64 non-rope dims, padded to
+    8 bytes (V4: 448 + 128 + 7 + 1 = 584). Indexer key: index_head_dim e4m3 values plus one fp32 scale per 128
+    (V4: 128 + 4 = 132), as in DeepSeek's V3.2/V4 indexer cache."""
+    return fp8_entry_layout(cfg.head_dim, cfg.rope_head_dim)[2], cfg.index_head_dim + 4 * -(-cfg.index_head_dim // 128)
+
+
 def deepseek_fp8_kv_bytes(cfg: ModelConfig, context: int) -> int:
-    """DESIGN.md section 6's yardstick: 584 B per compressed entry, FP8 indexer keys of 132 B, compressed
-    entries only (the window ring and compressor state are negligible at long context)."""
+    """DESIGN.md section 6's yardstick: compressed entries and indexer keys in DeepSeek's FP8 layout
+    (deepseek_fp8_entry_bytes), compressed entries only (the window ring and compressor state are negligible at
+    long context)."""
+    entry, key = deepseek_fp8_entry_bytes(cfg)
     total = 0
     for i in range(cfg.n_layers):
         r = cfg.ratio(i)
         if r:
-            total += (context // r) * 584
+            total += (context // r) * entry
         if r == 4:
-            total += (context // 4) * 132
+            total += (context // 4) * key
     return total
 
 
 def plan(cfg: ModelConfig, context: int, batch: int = 1) -> dict:
     kv = {layout: kv_bytes_per_sequence(cfg, context, layout) for layout in ("fp8", "plain")}
+    ours_entry, ours_key = entry_bytes(cfg, "fp8")
     return {
         "config": cfg.name, "context": context, "batch": batch,
+        "entry_bytes": {"ours_fp8_layout": [ours_entry, ours_key],
+                        "deepseek_fp8_layout": list(deepseek_fp8_entry_bytes(cfg))},
         "weights": {m: weight_bytes(cfg, m) for m in ("native", "fp8", "int8", "bf16")},
         "kv_per_sequence": {"ours_fp8_layout": kv["fp8"], "ours_bf16_plain": kv["plain"],
                             "deepseek_fp8_layout": deepseek_fp8_kv_bytes(cfg, context)},
@@ -82,13 +95,15 @@ def format_plan(p: dict) -> str:
         lines.append(f"  {mode:7s} total {gib(w['total'])}   routed experts {gib(w['experts'])}   other {gib(w['other'])}")
     lines += ["", "KV cache per sequence:"]
     ours = p["kv_per_sequence"]["ours_fp8_layout"]
-    lines.append(f"  ours, fp8 layout (584 B/entry, FP4 indexer keys 68 B): {gib(ours['total'])}  "
+    (oe, ok), (de, dk) = p["entry_bytes"]["ours_fp8_layout"], p["entry_bytes"]["deepseek_fp8_layout"]
+    label = lambda t: f"  {t + ':':60s}"  # noqa: E731
+    lines.append(f"{label(f'ours, fp8 layout ({oe} B/entry, FP4 indexer keys {ok} B)')}{gib(ours['total'])}  "
                  f"(compressed {gib(ours['compressed'])}, indexer {gib(ours['indexer'])}, window {gib(ours['window'])}, "
                  f"state {gib(ours['state'])})  = {p['kv_bytes_per_token']['ours_fp8_layout']:.0f} B/token")
     plain = p["kv_per_sequence"]["ours_bf16_plain"]
-    lines.append(f"  ours, plain bf16 layout:                               {gib(plain['total'])}")
+    lines.append(f"{label('ours, plain bf16 layout')}{gib(plain['total'])}")
     ds = p["kv_per_sequence"]["deepseek_fp8_layout"]
-    lines.append(f"  DeepSeek FP8 layout (584 B/entry, FP8 indexer 132 B):  {gib(ds)}  "
+    lines.append(f"{label(f'DeepSeek FP8 layout ({de} B/entry, FP8 indexer keys {dk} B)')}{gib(ds)}  "
                  f"= {p['kv_bytes_per_token']['deepseek_fp8_layout']:.0f} B/token")
     b = p["batch"]
     if b > 1:

@@ -349,7 +349,18 @@ class Backend:
     # Returns a description when the backend runs simulated on CPU tensors (Triton interpreter, Ascend spec
     # stand-in): a correctness check of its providers, never a device result. None on real hardware.
     simulated_fn: Callable[[], str | None] | None = None
+    # requested weight mode -> (mode to load with, a sentence saying why): how this device runs the checkpoint's
+    # FP8/FP4 weights. None: "auto" means native, anything else is taken as asked.
+    weights_fn: Callable[[str], tuple[str, str]] | None = None
     _loaded: bool = False
+
+    def weight_mode(self, requested: str = "auto") -> tuple[str, str]:
+        """(weight mode, reason) for a requested mode ("auto" lets the device decide)."""
+        if self.weights_fn is not None:
+            return self.weights_fn(requested)
+        if requested == "auto":
+            return "native", f"{self.name}: native (auto: the checkpoint's formats run as stored)"
+        return requested, f"{self.name}: {requested} (as requested)"
 
     def simulated(self) -> str | None:
         return self.simulated_fn() if self.simulated_fn else None
@@ -415,6 +426,16 @@ def use_backend(name: str, *, require_available: bool = True):
         yield b
     finally:
         _state.backend = prev
+
+
+def explain(op_name: str, *args, backend: "Backend | str | None" = None, **kwargs):
+    """[(provider, "chosen" | "skipped" | "not reached", reasons)] for calling op `op_name` with these
+    arguments on `backend` (a name, a Backend, or None for the active one). With no arguments, only
+    availability is considered."""
+    b = get_backend(backend) if isinstance(backend, str) else backend
+    if b is not None:
+        b.load_providers()
+    return get_op(op_name).explain(*args, backend=b, **kwargs)
 
 
 def provider_counts() -> dict[str, dict[str, int]]:

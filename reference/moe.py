@@ -31,6 +31,9 @@ class ExpertWeights:
     fmt "fp8":  float8_e4m3fn weights of those shapes, s1/s3 [E, ceil(I/128), ceil(D/128)], s2 [E, ceil(D/128),
                 ceil(I/128)] (float32 or e8m0).
     fmt "fp4":  packed int8/uint8 w1, w3 [E, I, D/2], w2 [E, D, I/2]; s1/s3 [E, I, D/32], s2 [E, D, I/32].
+    ids: None when the stack holds experts 0..E-1 in order; else the global expert id of each position (a model
+    loaded with keep_expert holds only some of a layer's experts). moe_experts and expert_forward index by
+    position; `select` takes global ids.
     """
     fmt: str
     w1: torch.Tensor
@@ -40,6 +43,7 @@ class ExpertWeights:
     s2: torch.Tensor | None = None
     s3: torch.Tensor | None = None
     scale_fmt: str | None = "ue8m0"  # activation scale rule used by quantised formats
+    ids: tuple[int, ...] | None = None
 
     @property
     def num_experts(self) -> int:
@@ -71,6 +75,8 @@ class ExpertWeights:
             raise ValueError(f"{where}: unknown expert format {self.fmt!r} (expected one of {EXPERT_FORMATS})")
         if self.w1.dim() != 3:
             raise ValueError(f"{where}: 'w1' must be [E, I, D] (packed [E, I, D/2] for fp4), got {list(self.w1.shape)}")
+        if self.ids is not None and len(self.ids) != self.num_experts:
+            raise ValueError(f"{where}: 'ids' names {len(self.ids)} experts but the stack holds {self.num_experts}")
         shapes = self.expected_shapes()
         dtypes = {"bf16": None, "fp8": (torch.float8_e4m3fn,), "fp4": (torch.int8, torch.uint8)}[self.fmt]
         for name, shape in shapes.items():
@@ -85,7 +91,17 @@ class ExpertWeights:
                 raise ValueError(f"{where}: '{name}' has dtype {t.dtype}, format bf16 needs a float dtype")
 
     def select(self, experts) -> "ExpertWeights":
-        """The subset of experts (a slice or index tensor) in the same format."""
+        """The experts with these global ids (a slice or index tensor of ids), in that order, in the same format.
+        The result holds positions 0..n-1 (ids None), as expert parallelism's local experts do."""
+        if self.ids is not None:       # a partial stack: global id -> position
+            pos = {e: j for j, e in enumerate(self.ids)}
+            wanted = list(range(max(self.ids, default=-1) + 1)[experts]) \
+                if isinstance(experts, slice) else [int(e) for e in torch.as_tensor(experts).reshape(-1)]
+            missing = [e for e in wanted if e not in pos]
+            if missing:
+                raise ValueError(f"experts {missing} were not loaded (this stack holds experts {list(self.ids)}; "
+                                 "see keep_expert)")
+            experts = torch.tensor([pos[e] for e in wanted], dtype=torch.int64, device=self.w1.device)
         pick = lambda t: None if t is None else t[experts]  # noqa: E731
         return ExpertWeights(self.fmt, pick(self.w1), pick(self.w2), pick(self.w3), pick(self.s1), pick(self.s2),
                              pick(self.s3), self.scale_fmt)

@@ -197,12 +197,20 @@ def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
 
 
 def float_to_e8m0(scale: torch.Tensor) -> torch.Tensor:
-    """float32 powers of two -> float8_e8m0fnu (raises if a scale is not an exact power of two)."""
+    """float32 powers of two -> float8_e8m0fnu (raises if a scale is not an exact power of two).
+    The check reads the values back to the host: for conversions at load / checkpoint-writing time. Hot paths
+    whose scales come from pow2_scale (powers of two by construction) use e8m0_bits."""
     f = scale.float()
     bits = f.view(torch.int32)
     if bool(((bits & 0x7FFFFF) != 0).any()) or bool((f <= 0).any()):
         raise ValueError("e8m0 can only hold positive powers of two")
-    return ((bits >> 23) & 0xFF).to(torch.uint8).view(torch.float8_e8m0fnu)
+    return e8m0_bits(f).view(torch.float8_e8m0fnu)
+
+
+def e8m0_bits(scale: torch.Tensor) -> torch.Tensor:
+    """The exponent byte (uint8) of float32 scales that are positive powers of two, unchecked and without a host
+    sync (a non-power-of-two silently loses its mantissa: only for scales from pow2_scale's ue8m0 rule)."""
+    return ((scale.float().view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
 
 
 # ----------------------------------------------------------------------------------------------- linears

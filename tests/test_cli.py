@@ -45,3 +45,42 @@ def test_bad_input_is_one_clear_line(capsys, argv, needle):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and needle in err[-1]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["run", "--prompt", "hello"], "no tokenizer.json"),
+    (["run", "--ep", "0"], "--ep must be >= 1"),
+    (["run", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["run", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["run", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["run", "--prompt", "5,6", "--prompt", "3,1024"], "[1024] are outside the vocabulary [0, 1024)"),
+    (["run", "--cache-layout", "fp8", "--dtype", "fp32"], "needs --dtype bf16"),
+    (["run", "--cache-layout", "fp8", "--no-quant-sim"], "--no-quant-sim"),
+    (["run", "--dtype", "int4"], "--dtype 'int4' is unknown"),
+    (["run", "--max-new-tokens", "65536"], "max_position_embeddings 65536"),
+])
+def test_run_input_errors_exit_2_before_loading(capsys, monkeypatch, argv, needle):
+    import dsv4_portable.api as api
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+    monkeypatch.setattr(api, "load_model", no_load)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+def test_run_a_batch_of_prompts_prints_each(capsys):
+    assert main(["run", "--prompt", "5,6,7", "--prompt", "9,10", "--prompt", "11,12,13", "--max-new-tokens", "2",
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["prompt_tokens"] == 8 and summary["weights"] == "native"
+    outs = [o["generated_tokens"] for o in summary["outputs"]]
+    assert len(outs) == 3 and all(len(t) == 2 for t in outs)
+    import dsv4_portable as dsv4
+    alone = dsv4.load_model("tiny", quiet=True).generate([[9, 10]], max_new_tokens=2).tokens[0]
+    assert outs[1] == alone                              # the 2-token prompt, batched apart from the others
+    assert main(["run", "--prompt", "5,6,7", "--prompt", "9,10", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("generated[0]: [") and out[1].startswith("generated[1]: [")
+    assert out[-1].startswith("summary: 4 tokens for 2 prompt(s) on cpu (weights native)")

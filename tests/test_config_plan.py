@@ -111,3 +111,90 @@ def test_weight_bytes_by_mode():
     assert native["experts"] == 44 * fp4_expert_layer                # 43 layers + MTP
     assert fp8["experts"] > 1.8 * native["experts"] and bf16["experts"] == 44 * 3 * e * i * d * 2
     assert 140 < native["total"] / GIB < 160                         # ~149 GB of safetensors plus fp32 head/norms
+
+
+def test_deepseek_fp8_layout_is_derived_from_the_config():
+    from dsv4_portable.plan import deepseek_fp8_entry_bytes
+    # DESIGN.md 6: 584 B per entry (448 e4m3 + 64 bf16 rope dims + 7 ue8m0 scales + pad), indexer keys 132 B
+    assert deepseek_fp8_entry_bytes(load_preset("flash")) == (584, 132)
+    assert deepseek_fp8_entry_bytes(load_preset("pro")) == (584, 132)
+    # another shape: 192 non-rope dims (3 scales) + 64 rope dims -> 192 + 128 + 3 = 323, padded to 328;
+    # indexer 64 e4m3 + one fp32 scale = 68
+    small = load_preset("flash").replace(head_dim=256, index_head_dim=128, rope_head_dim=64)
+    assert deepseek_fp8_entry_bytes(small) == (328, 132)
+    assert deepseek_fp8_entry_bytes(small.replace(index_head_dim=256)) == (328, 264)
+    assert deepseek_fp8_kv_bytes(small, 2 ** 20) == 21 * (2 ** 20 // 4) * (328 + 132) + 20 * (2 ** 20 // 128) * 328
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--context", "1048577"], "exceeds the model's max_position_embeddings 1048576"),
+    (["--context", "0"], "--context and --batch must be >= 1"),
+    (["--batch", "0"], "--context and --batch must be >= 1"),
+])
+def test_plan_rejects_impossible_sizes(capsys, argv, needle):
+    from dsv4_portable.cli import main
+    assert main(["plan", "--config", "flash", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
+
+
+def _resaved_by_transformers(cfg_dict, tmp_path):
+    """The config.json transformers writes when it re-saves a DeepSeek-V4 config (save_pretrained)."""
+    import copy
+
+    import transformers
+    transformers.DeepseekV4Config(**copy.deepcopy(cfg_dict)).save_pretrained(tmp_path)   # it edits dicts in place
+    return json.loads((tmp_path / "config.json").read_text())
+
+
+def test_config_resaved_by_transformers_reads_back_the_same(tmp_path):
+    raw = _resaved_by_transformers(FLASH_HF, tmp_path)
+    # what makes this spelling different: no compress_ratios / num_hash_layers / rope_scaling
+    assert {"layer_types", "mlp_layer_types", "rope_parameters", "compress_rates"} <= set(raw)
+    assert not {"compress_ratios", "num_hash_layers", "rope_scaling"} & set(raw)
+    assert from_hf_dict(raw) == load_preset("flash")
+    pro = load_preset("pro")
+    raw_pro = _resaved_by_transformers(pro.to_hf_dict(), tmp_path / "pro")
+    assert from_hf_dict(raw_pro) == pro
+    no_yarn = _resaved_by_transformers({k: v for k, v in FLASH_HF.items() if k != "rope_scaling"}, tmp_path / "ny")
+    assert from_hf_dict(no_yarn).original_seq_len == 0
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda r: (r.update(compress_ratios=FLASH_HF["compress_ratios"]),
+                r["layer_types"].__setitem__(1, "compressed_sparse_attention")),
+     r"'layer_types': layer 1 is 'compressed_sparse_attention' but 'compress_ratios' gives 0"),
+    (lambda r: r["layer_types"].__setitem__(5, "dense"), r"'layer_types'.*unknown \['dense'\]"),
+    (lambda r: r["layer_types"].pop(), r"'layer_types': needs num_hidden_layers = 43 entries"),
+    (lambda r: r.update(num_hash_layers=2), r"'mlp_layer_types': implies n_hash_layers = 3 but 'num_hash_layers' gives 2"),
+    (lambda r: r["mlp_layer_types"].__setitem__(7, "hash_moe"), r"'mlp_layer_types'.*'hash_moe' layers first"),
+    (lambda r: r.update(partial_rotary_factor=0.25), r"'partial_rotary_factor': implies rope_head_dim = 128"),
+    (lambda r: r["rope_parameters"]["compress"].update(rope_theta=10000),
+     r"'rope_parameters.compress.rope_theta': implies compress_rope_theta = 10000"),
+    (lambda r: r["rope_parameters"]["compress"].update(attention_factor=1.277), "attention_factor"),
+    (lambda r: (r.update(rope_scaling=FLASH_HF["rope_scaling"]), r["rope_parameters"]["compress"].update(factor=8)),
+     r"'rope_parameters.compress': implies rope_factor = 8 but 'rope_scaling' gives 16"),
+    (lambda r: r.update(compress_rates={"compressed_sparse_attention": 8, "heavily_compressed_attention": 128}),
+     "'compress_rates'"),
+])
+def test_transformers_spelling_inconsistencies_are_named(tmp_path, mutate, match):
+    raw = _resaved_by_transformers(FLASH_HF, tmp_path)
+    mutate(raw)
+    with pytest.raises(ConfigError, match=match):
+        from_hf_dict(raw)
+
+
+def test_model_args_max_seq_len_is_not_the_context():
+    """ModelArgs' max_seq_len (4096 by default) sizes the reference code's cache; the context stays 1M."""
+    cfg = from_model_args({**FLASH_ARGS, "max_seq_len": 4096})
+    assert cfg == load_preset("flash") and cfg.max_position_embeddings == 1048576
+
+
+def test_yaml_preset_that_is_not_a_mapping(tmp_path):
+    for text, what in (("- 1\n- 2\n", "list"), ("just words\n", "str"), ("", "NoneType")):
+        (tmp_path / "bad.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=f"bad.yaml: a preset must be a YAML mapping.*got {what}"):
+            load_config(tmp_path / "bad.yaml")
+    (tmp_path / "bad.yaml").write_text("vocab_size: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")

@@ -17,13 +17,11 @@ pick changes every later position. With 64 heads an all-zero score has probabili
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-if not hasattr(transformers, "DeepseekV4ForCausalLM"):
-    pytest.skip("this transformers has no DeepseekV4ForCausalLM", allow_module_level=True)
+import transformers   # a test requirement (pyproject [test]: transformers>=5.5): missing, these tests fail
 
-import dsv4_portable as dsv4  # noqa: E402
-from dsv4_portable.config import ModelConfig  # noqa: E402
-from dsv4_portable.model.checkpoint import random_tensors, save_checkpoint  # noqa: E402
+import dsv4_portable as dsv4
+from dsv4_portable.config import ModelConfig
+from dsv4_portable.model.checkpoint import random_tensors, save_checkpoint
 
 CFG = ModelConfig(
     vocab_size=512, dim=64, n_layers=4, n_heads=4, q_lora_rank=64, o_groups=2, o_lora_rank=32, moe_inter_dim=32,
@@ -31,7 +29,11 @@ CFG = ModelConfig(
     score_func="sqrtsoftplus", route_scale=1.5, swiglu_limit=10.0, n_hash_layers=2, index_n_heads=64,
     index_head_dim=128, index_topk=8, window_size=16, max_position_embeddings=65536, dtype="bf16", scale_fmt=None,
     expert_dtype="bf16")
-RTOL = 1e-4  # max |ours - hf| relative to max |logit|
+# max |ours - hf| relative to max |logit|. Achieved ~1e-6 (fp32 rounding of two independent implementations);
+# 1e-5 keeps a 5x margin (measured 2.1e-6 prefill, 1.9e-6 decode); one Sinkhorn iteration fewer gives 4.6e-4,
+# dropping the up-projection clamp 0.8.
+RTOL = 1e-5
+CLAMP_GAIN = 8.0   # w1/w3 of routed and shared experts scaled up so the SwiGLU clamp at |10| really acts
 
 
 def tokens(batch, n, seed):
@@ -42,10 +44,21 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def parity_tensors():
+    t = random_tensors(CFG, seed=7)
+    for name in t:
+        if (".ffn.experts." in name or ".ffn.shared_experts." in name) and name.endswith((".w1.weight", ".w3.weight")):
+            t[name] = t[name] * CLAMP_GAIN
+    return t
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
+    if not hasattr(transformers, "DeepseekV4ForCausalLM"):
+        pytest.fail(f"transformers {transformers.__version__} has no DeepseekV4ForCausalLM (the test extra needs "
+                    "transformers>=5.5)")
     path = tmp_path_factory.mktemp("hf_parity")
-    save_checkpoint(path, CFG, random_tensors(CFG, seed=7))
+    save_checkpoint(path, CFG, parity_tensors())
     ours = dsv4.load_model(path, device="cpu", dtype=torch.float32, quant_sim=False, quiet=True)
     hf, info = transformers.DeepseekV4ForCausalLM.from_pretrained(
         path, torch_dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
@@ -62,14 +75,43 @@ def test_transformers_loads_every_tensor(models):
     assert hf.config.mlp_layer_types == ["hash_moe", "hash_moe", "moe", "moe"]
 
 
+def _clamped_fraction(hf, run):
+    """Fraction of gate/up pre-activations beyond the SwiGLU limit, routed (selected slots) and shared, while
+    transformers runs `run()`: the clamp must act in both, or the parity says nothing about it."""
+    seen = {"routed": [], "shared": []}
+
+    def routed(mod, args):
+        h, idx, _ = args
+        for e in idx.unique().tolist():
+            tok = (idx == e).any(-1)
+            seen["routed"].append(torch.nn.functional.linear(h[tok], mod.gate_up_proj[e]).abs().flatten())
+
+    def shared(mod, args, out):
+        seen["shared"].append(out.abs().flatten())
+    hooks = []
+    for layer in hf.model.layers:
+        hooks.append(layer.mlp.experts.register_forward_pre_hook(routed))
+        for proj in (layer.mlp.shared_experts.gate_proj, layer.mlp.shared_experts.up_proj):
+            hooks.append(proj.register_forward_hook(shared))
+    try:
+        out = run()
+    finally:
+        for h in hooks:
+            h.remove()
+    lim = CFG.swiglu_limit
+    return out, {k: (torch.cat(v) > lim).float().mean().item() for k, v in seen.items()}
+
+
 def test_prefill_logits_match_every_position(models):
     ours, hf, _ = models
     x = tokens(2, 520, seed=0)
     with torch.no_grad():
         a = ours.forward(x, all_logits=True)
-        b = hf(x, use_cache=False).logits
+        b, clamped = _clamped_fraction(hf, lambda: hf(x, use_cache=False).logits)
+    assert clamped["routed"] > 0.05 and clamped["shared"] > 0.05, clamped
     err = rel_err(a, b)
-    print(f"\nprefill [2, 520]: max abs err {(a - b).abs().max().item():.3e}, relative {err:.3e}")
+    print(f"\nprefill [2, 520]: max abs err {(a - b).abs().max().item():.3e}, relative {err:.3e}; "
+          f"clamped pre-activations {clamped}")
     assert err < RTOL
 
 

@@ -87,15 +87,59 @@ def test_fp8_cache_layout_is_bitwise_equal_to_plain(ckpt):
         dsv4.load_model(ckpt, dtype="bf16", quant_sim=False, quiet=True).new_cache(1, 8, "fp8")
 
 
+def _fp8_activation_error_bound(x, w):
+    """Elementwise bound on |act_quant(x) @ W^T - x @ W^T| for W [N, K] float32 and the FP8 block-128 activation
+    rule: e4m3 has 3 mantissa bits, so rounding x/s moves it by at most half an ulp, |v| * 2^-4 for normal values
+    and 2^-10 below the smallest normal 2^-6 (in units of the block's power-of-two scale s); summed through |W|.
+    Plus fp32 accumulation slack (K * 2^-24 relative to sum |x||W|)."""
+    from dsv4_portable.reference.quant import quant_fp8
+    _, s = quant_fp8(x, 128)
+    s = s.repeat_interleave(128, -1)
+    err = torch.maximum(x.abs() * 2.0 ** -4, s * 2.0 ** -10)
+    return err @ w.abs().t() + x.shape[-1] * 2.0 ** -24 * (x.abs() @ w.abs().t())
+
+
 def test_weight_modes_agree(ckpt):
+    from dsv4_portable.model.linear import Weight, linear
+    from dsv4_portable.reference import ExpertWeights
+    from dsv4_portable.reference.moe import expert_linear
+    from dsv4_portable.reference.quant import dequant_fp4_weight, dequant_fp8_weight
+    models = {w: dsv4.load_model(ckpt, dtype="fp32", weights=w, quiet=True) for w in ("native", "bf16", "fp8")}
     x = ids(40, seed=6)
-    logits = {w: dsv4.load_model(ckpt, dtype="fp32", weights=w, quiet=True).forward(x, all_logits=True)
-              for w in ("native", "bf16", "fp8")}
-    # bf16 mode dequantises the same FP8/FP4 values; fp8 mode converts FP4 experts exactly: same weights,
-    # only the activation quantisation of dequantised linears differs (bf16 mode runs plain matmuls).
+    logits = {w: m.forward(x, all_logits=True) for w, m in models.items()}
+    # fp8 mode converts FP4 experts exactly to FP8 blocks: the same numbers, bit for bit
     assert torch.equal(logits["native"], logits["fp8"])
     sim = torch.nn.functional.cosine_similarity(logits["native"].flatten(), logits["bf16"].flatten(), 0)
     assert sim > 0.99, sim
+    # Per linear: bf16 mode holds exactly the dequantised weights and runs the plain matmul; native runs the
+    # quantised linear, which differs only by the FP8 rounding of the activations, within its derived bound.
+    g = torch.Generator().manual_seed(0)
+    native, bf16 = models["native"].net.params, models["bf16"].net.params
+    checked, worst = 0, 0.0
+    for name, wn in native.items():
+        if isinstance(wn, Weight) and wn.fmt in ("fp8", "fp4"):
+            pairs = [(lambda a, wn=wn: linear(a, wn), lambda a, n=name: linear(a, bf16[n]),
+                      dequant_fp8_weight(wn.w, wn.scale) if wn.fmt == "fp8" else dequant_fp4_weight(wn.w, wn.scale),
+                      bf16[name].w)]
+        elif isinstance(wn, ExpertWeights) and wn.fmt != "bf16":
+            deq = dequant_fp8_weight if wn.fmt == "fp8" else dequant_fp4_weight
+            pairs = [(lambda a, e=e, k=k, ew=wn: expert_linear(a, ew, k, e),
+                      lambda a, e=e, k=k, ew=bf16[name]: expert_linear(a, ew, k, e),
+                      deq(getattr(wn, k)[e], getattr(wn, "s" + k[1])[e]), getattr(bf16[name], k)[e])
+                     for e in (0, wn.num_experts - 1) for k in ("w1", "w2", "w3")]
+        else:
+            continue
+        for run_native, run_bf16, w_deq, w_bf16 in pairs:
+            assert torch.equal(w_bf16, w_deq), name
+            a = torch.randn(16, w_deq.shape[1], generator=g)
+            a[3, :128] *= 1e-3                           # a block with small values (subnormal FP8 codes)
+            diff = (run_native(a) - run_bf16(a)).abs()
+            bound = _fp8_activation_error_bound(a, w_deq)
+            assert (diff <= bound).all(), (name, (diff / bound).max())
+            assert diff.max() > 0, name                  # native really quantises the activations
+            worst = max(worst, (diff / bound).max().item())
+            checked += 1
+    assert checked > 40 and worst > 0.05, (checked, worst)  # every quantised linear; the bound is not vacuous
 
 
 def test_quant_sim_changes_numerics_only_slightly(ckpt):
@@ -107,11 +151,33 @@ def test_quant_sim_changes_numerics_only_slightly(ckpt):
 
 
 def test_mtp_block_runs_on_main_hidden_states(model32):
+    """MTP wiring assembled by hand from DeepSeek's MTPBlock: e = enorm(embed(t+1)), x = hnorm(hidden_t),
+    x = e_proj(e) (broadcast over the 4 streams) + h_proj(x), then the MTP layer's block on its own cache, then
+    its hc_head, its norm and the shared fp32 head. Reference functions only (not the registry ops)."""
+    from dsv4_portable import reference as R
+    net, cfg = model32.net, CFG
     x = ids(20, seed=8)
     cache = model32.new_cache(1, 20)
-    logits, hidden = model32.net.forward(x, cache, all_logits=True, return_hidden=True)
-    mtp = model32.net.mtp_forward(hidden[:, :-1], x[:, 1:], cache)
-    assert mtp.shape == (1, 19, CFG.vocab_size) and torch.isfinite(mtp).all()
+    logits, hidden = net.forward(x, cache, all_logits=True, return_hidden=True)
+    mtp = net.mtp_forward(hidden[:, :-1], x[:, 1:], cache)
+    assert mtp.shape == (1, 19, CFG.vocab_size) and torch.isfinite(mtp).all() and cache.mtp_pos == 19
+
+    p, eps = net.params, cfg.norm_eps
+
+    def lin(a, wt):
+        assert wt.fmt == "fp8"
+        return R.fp8_linear(a, wt.w, wt.scale, wt.scale_fmt)
+    e = R.rms_norm(net.embed[x[:, 1:]], p["mtp.0.enorm.weight"], eps)
+    h = R.rms_norm(hidden[:, :-1], p["mtp.0.hnorm.weight"], eps)
+    h = lin(e, p["mtp.0.e_proj"])[:, :, None, :] + lin(h, p["mtp.0.h_proj"])
+    fresh = model32.new_cache(1, 20)
+    h = net.mtp[0](h, x[:, 1:], fresh.mtp[0], 0, net.rope, net.quant_sim)
+    y = R.hc_head(h, p["mtp.0.hc_head_fn"], p["mtp.0.hc_head_scale"], p["mtp.0.hc_head_base"], eps, cfg.hc_eps)
+    want = R.linear(R.rms_norm(y, p["mtp.0.norm.weight"], eps).float(), net.head)
+    assert torch.equal(mtp, want)
+    # not the main model's head path: the MTP block's own hc_head and norm make a difference
+    main = R.linear(R.rms_norm(R.hc_head(h, *net.hc_head, eps, cfg.hc_eps), net.norm, eps).float(), net.head)
+    assert not torch.allclose(main, want)
 
 
 def test_generate_greedy_and_seeded_sampling(ckpt):
@@ -219,3 +285,151 @@ def test_text_prompts_with_tokenizer_json(ckpt, tmp_path):
     assert out.tokens == same.tokens and out.texts == [tok.decode(out.tokens[0])]
     with pytest.raises(ModelInputError, match="no tokenizer.json"):
         dsv4.load_model(ckpt, quiet=True).generate("text needs a tokenizer")
+
+
+# ----------------------------------------------------------------------------------------------- streaming loader
+class ReadLog:
+    """Wraps safetensors.safe_open in the loader and records every tensor actually read."""
+
+    def __init__(self, monkeypatch):
+        from dsv4_portable.model import checkpoint
+        real, self.names = checkpoint.safe_open, []
+        log = self
+
+        class Handle:
+            def __init__(self, *a, **k):
+                self.cm = real(*a, **k)
+
+            def __enter__(self):
+                self.fh = self.cm.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return self.cm.__exit__(*exc)
+
+            def keys(self):
+                return self.fh.keys()
+
+            def get_tensor(self, name):
+                log.names.append(name)
+                return self.fh.get_tensor(name)
+        monkeypatch.setattr(checkpoint, "safe_open", Handle)
+
+
+def test_keep_expert_never_reads_dropped_experts_and_shards_like_ep(ckpt, model32, monkeypatch):
+    from dsv4_portable.ep.moe import local_experts
+    from dsv4_portable.ep.placement import ExpertPlacement
+    placement = ExpertPlacement.contiguous(CFG.n_routed_experts, 2)
+    mine = set(placement.local_logical(1))                  # rank 1 of 2: experts 4..7
+    log = ReadLog(monkeypatch)
+    part = dsv4.load_model(ckpt, dtype="fp32", quiet=True, keep_expert=lambda layer, e: e in mine)
+    read_experts = {int(n.split(".ffn.experts.")[1].split(".")[0]) for n in log.names if ".ffn.experts." in n}
+    assert read_experts == mine
+    assert len(log.names) == len(set(log.names))            # each tensor read once
+    for full_block, part_block in zip(model32.net.layers + model32.net.mtp, part.net.layers + part.net.mtp):
+        ew = part_block.ffn.experts
+        assert ew.ids == tuple(sorted(mine)) and ew.num_experts == len(mine)
+        want, got = local_experts(full_block.ffn.experts, placement, 1), local_experts(ew, placement, 1)
+        for f in ("w1", "w2", "w3", "s1", "s2", "s3"):
+            assert torch.equal(getattr(want, f), getattr(got, f)), f
+        assert torch.equal(part_block.ffn.shared.w1, full_block.ffn.shared.w1)
+    with pytest.raises(ValueError, match=r"experts \[0\] were not loaded"):
+        part.net.layers[1].ffn.experts.select(torch.tensor([0]))
+    with pytest.raises(ModelInputError, match="keep_expert"):       # routing picks global ids: needs EP
+        part.forward(ids(5))
+
+
+def test_index_weight_map_is_checked_against_the_headers(ckpt, tmp_path):
+    import shutil
+    bad = tmp_path / "index"
+    shutil.copytree(ckpt, bad)
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    wm = index["weight_map"]
+    first, second = sorted(set(wm.values()))[:2]
+    moved = next(k for k, v in sorted(wm.items()) if v == first)
+    wm[moved] = second
+    dropped = next(k for k, v in sorted(wm.items()) if v == second and k != moved)
+    del wm[dropped]
+    wm["layers.0.ghost.weight"] = first
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError) as e:
+        dsv4.load_model(bad, quiet=True)
+    msg = str(e.value)
+    assert f"maps '{moved}' to {second}, but it is in {first}" in msg
+    assert f"'{dropped}' is in {second} but not listed" in msg
+    assert "maps 'layers.0.ghost.weight' to" in msg and "no such tensor" in msg
+
+
+def test_bad_tid2eid_is_refused_before_any_weight_is_read(tmp_path, monkeypatch):
+    def mutate(t):
+        t["layers.0.ffn.gate.tid2eid"][5, 0] = CFG.n_routed_experts
+        t["layers.0.ffn.gate.tid2eid"][9, 1] = -1
+    path = _copy(None, tmp_path, mutate)
+    log = ReadLog(monkeypatch)
+    with pytest.raises(CheckpointError, match=r"layers.0.ffn.gate.tid2eid: 2 entries outside \[0, 8\) "
+                                              r"\(min -1, max 8\)"):
+        dsv4.load_model(path, quiet=True)
+    assert log.names == ["layers.0.ffn.gate.tid2eid"]
+
+
+def test_load_progress_in_a_log_and_summary_line(ckpt, capsys):
+    dsv4.load_model(ckpt, dtype="fp32")
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("weights: cpu: native (auto")
+    done = [l for l in err if l.endswith("MiB/s") and "done" in l]
+    assert [l.split(" shard ")[1].split()[0] for l in done] == ["1/3", "2/3", "3/3"]
+    assert "(100%)" in done[-1] and not any("\r" in l for l in err)
+    assert err[-1].startswith(f"loaded {len(json.loads((ckpt / 'model.safetensors.index.json').read_text())['weight_map'])} tensors")
+    assert "from 3 shard(s)" in err[-1] and "weights=native" in err[-1]
+
+
+# ----------------------------------------------------------------------------------------------- cache hot path
+def _no_host_reads(monkeypatch):
+    def refuse(*_a, **_k):
+        raise AssertionError("a cache write read a tensor back to the host")
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+@pytest.mark.parametrize("layout", ["plain", "fp8"])
+def test_ring_and_slot_writes_store_each_row_in_its_slot_without_host_reads(layout, monkeypatch):
+    from dsv4_portable.model.cache import EntryStore, KeyStore
+    from dsv4_portable.reference import quant as Q
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(2, 5, 128, generator=g).bfloat16()
+    if layout == "fp8":   # what the store can hold exactly: FP8 blocks of 64 in the non-rope dims, bf16 rope dims
+        want_rows = torch.cat([Q.fp8_roundtrip(rows[..., :64], 64), rows[..., 64:]], -1)
+    else:
+        want_rows = rows
+    keys = torch.randn(2, 3, 128, generator=g).bfloat16()
+    want_keys = Q.fp4_roundtrip(keys, 32) if layout == "fp8" else keys
+    ring, slots = EntryStore(2, 16, 128, 64, torch.bfloat16, "cpu", layout), \
+        EntryStore(2, 16, 128, 64, torch.bfloat16, "cpu", layout)
+    ks = KeyStore(2, 8, 128, torch.bfloat16, "cpu", layout)
+    _no_host_reads(monkeypatch)
+    ring.write_ring(rows, 30)                           # positions 30..34 -> slots 14, 15, 0, 1, 2 (wraps)
+    slots.write_slots(rows, torch.arange(30, 35) % 16)
+    ks.write(keys, 4)
+    monkeypatch.undo()
+    for store in (ring, slots):
+        got = store.read()
+        assert torch.equal(got[:, [14, 15, 0, 1, 2]], want_rows)
+        assert not got[:, 3:14].any()                   # nothing else touched
+    assert torch.equal(ks.read(7)[:, 4:], want_keys) and not ks.read(4).any()
+
+
+def test_generate_checks_prompt_ids_once_on_the_lists(ckpt, monkeypatch):
+    from dsv4_portable.model.transformer import Transformer
+    m = dsv4.load_model(ckpt, dtype="bf16", quiet=True)
+    seen = []
+    real = Transformer._check_ids
+    monkeypatch.setattr(Transformer, "_check_ids", lambda self, x, c, values=True: (seen.append(values),
+                                                                                  real(self, x, c, values)))
+    m.generate([[5, 6, 7]], max_new_tokens=4)
+    assert seen and not any(seen)                       # no device-side range check in prefill or decode
+    seen.clear()
+    with pytest.raises(ModelInputError, match=r"token ids must be in \[0, 1024\); got 1024, 5000"):
+        m.generate([[5, 1024], [5000, 3]], max_new_tokens=2)
+    assert not seen                                     # refused before any forward
+    m.forward(torch.tensor([[5, 6]]))
+    assert seen == [True, False]                        # user ids through forward: checked once

@@ -1,5 +1,6 @@
 """The four top-level folders install as sub-packages of dsv4_portable, from a wheel and from an editable install."""
 import pathlib
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,8 +13,12 @@ IMPORTS = ("import dsv4_portable, dsv4_portable.reference, dsv4_portable.backend
 
 
 def test_wheel_maps_folders_into_the_namespace(tmp_path):
+    # build from a copy: setuptools leaves build/ and *.egg-info in the source tree it is given
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", "build", "dist", "*.egg-info", ".git",
+                                                             "__pycache__", ".pytest_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True, timeout=300)
+                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=300)
     wheel = next((tmp_path / "dist").glob("dsv4_portable-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for must in ("dsv4_portable/reference/quant.py", "dsv4_portable/backends/cuda/__init__.py",
@@ -30,6 +35,9 @@ def test_wheel_maps_folders_into_the_namespace(tmp_path):
     tops = {n.split("/")[0] for n in names}
     assert not tops & {"reference", "backends", "conformance"}, tops   # no generic top-level packages
     assert any(n.startswith("dsv4_portable/presets/") and n.endswith(".yaml") for n in names)
+    meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    requires = [l for l in zipfile.ZipFile(wheel).read(meta).decode().splitlines() if l.startswith("Requires-Dist:")]
+    assert any(l.split()[1].startswith("tokenizers") and "extra" not in l for l in requires), requires
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True, timeout=300)

@@ -25,6 +25,27 @@ def test_hc_pre_comb_is_doubly_stochastic_and_y_is_pre_weighted_sum():
     pre = torch.sigmoid(m[:4] * scale[0] + base[:4]) + 1e-6
     torch.testing.assert_close(post[1, 2], 2 * torch.sigmoid(m[4:8] * scale[1] + base[4:8]))
     torch.testing.assert_close(y[1, 2], (pre.unsqueeze(-1) * h[1, 2]).sum(0))
+    # comb of the same token by hand: logits row i = mixes 8+4i .. 11+4i; softmax along each row, then
+    # Sinkhorn (columns first, then 19 x rows-then-columns), every sum written out element by element
+    logits = [[(m[8 + 4 * i + j] * scale[2] + base[8 + 4 * i + j]).item() for j in range(4)] for i in range(4)]
+    import math
+    c = []
+    for row in logits:
+        z = sum(math.exp(v) for v in row)
+        c.append([math.exp(v) / z + 1e-6 for v in row])
+
+    def cols(c):
+        sums = [sum(c[i][j] for i in range(4)) + 1e-6 for j in range(4)]
+        return [[c[i][j] / sums[j] for j in range(4)] for i in range(4)]
+
+    def rows(c):
+        return [[v / (sum(r) + 1e-6) for v in r] for r in c]
+    c = cols(c)
+    for _ in range(19):
+        c = cols(rows(c))
+    want = torch.tensor(c, dtype=torch.float64)
+    torch.testing.assert_close(comb[1, 2], want, rtol=1e-12, atol=1e-12)
+    assert (want - want.t()).abs().max() > 1e-2         # asymmetric: a transposed comb would not pass
 
 
 def test_sinkhorn_iteration_count_and_eps():
@@ -131,6 +152,15 @@ def test_route_hash_vs_score():
     torch.testing.assert_close(w2.double(), raw2 / raw2.sum(-1, keepdim=True) * 1.5, rtol=1e-6, atol=1e-7)
     with pytest.raises(OpInputError, match="hash-routed layer"):
         ops.moe_route(x, wgt, None, tid2eid, None, 2)
+    with pytest.raises(OpInputError, match=r"'input_ids' must be in \[0, 4\).*got values in \[0, 4\]"):
+        ops.moe_route(x, wgt, None, tid2eid, torch.tensor([3, 0, 4, 2, 1]), 2)
+    with pytest.raises(OpInputError, match=r"'input_ids' must be in \[0, 4\).*\[-1, 3\]"):
+        ops.moe_route(x, wgt, None, tid2eid, torch.tensor([3, 0, -1, 2, 1]), 2)
+    bad = tid2eid.clone()
+    bad[1, 1] = 8
+    with pytest.raises(OpInputError, match=r"'tid2eid' maps these tokens to experts in \[0, 8\]; expert ids must "
+                                           r"be in \[0, 8\)"):
+        ops.moe_route(x, wgt, None, bad, ids, 2)
 
 
 def test_route_softmax_is_not_renormalised():

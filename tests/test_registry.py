@@ -1,4 +1,5 @@
 """The op registry: dispatch order, strictness, explain, counters, bad input, and backend safety."""
+import os
 import subprocess
 import sys
 
@@ -117,10 +118,55 @@ def test_every_op_has_reference_last_and_a_tolerance():
             assert isinstance(op.tolerance(dt), Tolerance)
 
 
-def test_importing_everything_never_imports_torch_npu():
+def test_importing_everything_never_imports_torch_npu(tmp_path):
+    # a torch_npu that explodes on import sits on the path, so an import anywhere fails loudly (without it on the
+    # machine, `import torch_npu` would fail quietly inside a try and the test would pass whatever the code did)
+    (tmp_path / "torch_npu.py").write_text("raise RuntimeError('torch_npu was imported')\n")
     code = ("import sys, dsv4_portable, dsv4_portable.backends.cuda, dsv4_portable.backends.ascend, "
-            "dsv4_portable.conformance, dsv4_portable.reference; "
+            "dsv4_portable.conformance, dsv4_portable.reference, dsv4_portable.api, dsv4_portable.ep.model; "
             "import dsv4_portable.registry as r; [b.load_providers() for b in r.BACKENDS.values()]; "
+            "r.explain('sparse_attn'); r.get_backend('ascend').weight_mode('auto'); "
             "assert 'torch_npu' not in sys.modules, 'torch_npu imported'; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path)] + sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    probe = subprocess.run([sys.executable, "-c", "import torch_npu"], capture_output=True, text=True, env=env)
+    assert "torch_npu was imported" in probe.stderr           # the stub is the torch_npu this subprocess sees
+
+
+def test_module_level_explain_names_the_provider_and_the_skips(temp_provider):
+    from dsv4_portable import registry
+    temp_provider("rms_norm", "picky", lambda *a, **k: None,
+                  supports=lambda x, weight, eps=1e-6: [] if x.dim() == 3 else ["needs 3 dims"])
+    rows = registry.explain("rms_norm", torch.randn(2, 8), None, backend="cpu")
+    assert rows[0] == ("picky", "skipped", ["needs 3 dims"]) and rows[-1] == ("reference", "chosen", [])
+    assert registry.explain("rms_norm", torch.randn(1, 2, 8), None, backend="cpu") == \
+        [("picky", "chosen", []), ("reference", "not reached", [])]
+    x = torch.randn(1, 2, 8)
+    assert registry.explain("rms_norm", x, None) == ops.rms_norm.explain(x, None)   # the active backend
+    with pytest.raises(dsv4.OpInputError, match="unknown op 'nope'"):
+        registry.explain("nope")
+    with pytest.raises(dsv4.UnknownDeviceError, match="tpu"):
+        registry.explain("rms_norm", backend="tpu")
+
+
+@pytest.mark.parametrize("capability, want", [((8, 0), "fp8"), ((9, 0), "fp8"), ((10, 0), "native"),
+                                               ((12, 0), "native")])
+def test_auto_weights_on_cuda_follow_the_fp4_units(monkeypatch, capability, want):
+    from dsv4_portable import devices
+    monkeypatch.setattr(devices, "cuda_simulated", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    mode, why = dsv4.get_backend("cuda").weight_mode("auto")
+    assert mode == want and f"sm_{capability[0]}{capability[1]}" in why
+    assert ("no FP4 matrix units" in why) == (want == "fp8")
+    assert dsv4.get_backend("cuda").weight_mode("bf16")[0] == "bf16"        # an explicit choice is kept
+
+
+def test_auto_weights_on_cpu_and_ascend(monkeypatch):
+    assert dsv4.get_backend("cpu").weight_mode("auto")[0] == "native"
+    assert dsv4.get_backend("cpu").weight_mode("fp8")[0] == "fp8"
+    from dsv4_portable.backends.ascend import weights
+    for chip, want in (("A2", "bf16"), ("A3", "bf16"), ("950", "native")):
+        monkeypatch.setattr(weights, "chip", lambda c=chip: c)
+        mode, why = dsv4.get_backend("ascend").weight_mode("auto")
+        assert mode == want and chip in why and why.startswith("auto: ")

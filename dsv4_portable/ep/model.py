@@ -100,12 +100,12 @@ def _run_rank(rank: int, world_size: int, args) -> dict | None:
     """One rank of `dsv4 run --ep N`: load, shard the experts, generate this rank's share, serve the rest."""
     from .. import registry
     from ..api import load_model
-    from ..commands import run_prompt
+    from ..commands import run_prompts
     registry.reset_counts()
     model = load_model(args.model, device=args.device, dtype=args.dtype, weights=args.weights,
                        quant_sim=not args.no_quant_sim, quiet=True)
     ctx = EPContext(model.config.n_routed_experts).attach(model.net)
-    prompts = [run_prompt(args, model)]
+    prompts = run_prompts(args, model)
     mine = [prompts[i] for i in split_batch(len(prompts), world_size)[rank]]
     out = None
     if mine:

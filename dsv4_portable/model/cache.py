@@ -6,8 +6,12 @@ Two layouts for the attention entries (window and compressed):
   values, 7 ue8m0 scales (one per 64 non-rope values) and 1 pad byte. Indexer keys: 64 bytes of packed FP4 + 4
   ue8m0 scales (68 bytes). With quant_sim on, every cached entry is already FP8-representable in its non-rope dims
   and every indexer key FP4-representable, so this layout stores them exactly: the model's logits are bitwise those
-  of the plain layout (tests/test_model_cache.py shows it). It needs bf16 activations (the rope dims are bf16).
+  of the plain layout (tests/test_model.py::test_fp8_cache_layout_is_bitwise_equal_to_plain shows it). It needs bf16 activations (the rope dims are bf16).
 All rows of a batch share the same position (prompts in one batch have equal length).
+
+Writes are on the decode hot path: they never read a value back to the host (no `.tolist()`, no `.any()`), so
+a GPU step is not stalled by the cache. Scales come from the quantisers' power-of-two rule and are stored with
+`e8m0_bits` unchecked; the checked `float_to_e8m0` is for load time.
 """
 from __future__ import annotations
 
@@ -45,23 +49,37 @@ class EntryStore:
         else:
             self.data = torch.zeros(batch, n, nbytes, dtype=torch.uint8, device=device)
 
-    def write(self, rows: torch.Tensor, start: int) -> None:
-        """rows [B, n, head_dim] at entry positions [start, start+n) (slot indices, not token positions)."""
-        n = rows.shape[1]
+    def _pack(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows [B, n, head_dim] as stored: the model dtype, or packed FP8 entries [B, n, bytes] (uint8)."""
         if self.layout == "plain":
-            self.data[:, start:start + n] = rows.to(self.dtype)
-            return
+            return rows.to(self.dtype)
         q, s = R.quant_fp8(rows[..., :self.nope], 64)
-        packed = self.data[:, start:start + n]
+        packed = rows.new_zeros(*rows.shape[:-1], self.data.shape[-1], dtype=torch.uint8)
         packed[..., :self.nope] = q.view(torch.uint8)
         packed[..., self.nope:self.nope + 2 * self.rope_dim] = rows[..., self.nope:].to(torch.bfloat16).contiguous() \
             .view(torch.uint8)
-        packed[..., self.scale_at:self.scale_at + self.n_scales] = R.quant.float_to_e8m0(s).view(torch.uint8)
+        packed[..., self.scale_at:self.scale_at + self.n_scales] = R.quant.e8m0_bits(s)
+        return packed
+
+    def write(self, rows: torch.Tensor, start: int) -> None:
+        """rows [B, n, head_dim] at entry positions [start, start+n) (slot indices, not token positions)."""
+        self.data[:, start:start + rows.shape[1]] = self._pack(rows)
+
+    def write_ring(self, rows: torch.Tensor, first_pos: int) -> None:
+        """The window ring: rows [B, n, head_dim] of token positions first_pos .. first_pos+n-1 (n <= ring size)
+        into slots pos % size, as at most two contiguous slices computed from Python ints."""
+        size, n = self.data.shape[1], rows.shape[1]
+        if n > size:
+            raise CacheError(f"write_ring: {n} rows do not fit a ring of {size} slots")
+        packed, a = self._pack(rows), first_pos % size
+        head = min(n, size - a)
+        self.data[:, a:a + head] = packed[:, :head]
+        self.data[:, :n - head] = packed[:, head:]
 
     def write_slots(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
-        """rows [B, n, head_dim] into arbitrary slot indices (the window ring)."""
-        for j, slot in enumerate(slots.tolist()):
-            self.write(rows[:, j:j + 1], slot)
+        """rows [B, n, head_dim] into the slot indices `slots` [n] (distinct; a device tensor is fine: one
+        index_copy_, no host sync)."""
+        self.data.index_copy_(1, slots.to(device=self.data.device, dtype=torch.int64), self._pack(rows))
 
     def read(self, n: int | None = None) -> torch.Tensor:
         """The first n entries as [B, n, head_dim] in the model dtype."""
@@ -95,7 +113,7 @@ class KeyStore:
             return
         packed, s = R.quant_fp4(rows, 32)
         self.data[:, start:start + n, :self.dim // 2] = packed
-        self.data[:, start:start + n, self.dim // 2:] = R.quant.float_to_e8m0(s).view(torch.uint8)
+        self.data[:, start:start + n, self.dim // 2:] = R.quant.e8m0_bits(s)
 
     def read(self, n: int) -> torch.Tensor:
         d = self.data[:, :n]

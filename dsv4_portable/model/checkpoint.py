@@ -17,6 +17,7 @@ import struct
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -116,6 +117,7 @@ class TensorInfo:
     file: pathlib.Path
     dtype: str
     shape: tuple[int, ...]
+    nbytes: int = 0
 
 
 def read_header(path: pathlib.Path) -> dict[str, TensorInfo]:
@@ -136,25 +138,37 @@ def read_header(path: pathlib.Path) -> dict[str, TensorInfo]:
     for name, m in meta.items():
         if name == "__metadata__":
             continue
-        end = m["data_offsets"][1]
+        begin, end = m["data_offsets"]
         if end > data_len:
             raise CheckpointError(f"{path.name}: truncated: tensor '{name}' ends at byte {end} of the data section "
                                   f"but the file holds only {data_len} data bytes")
-        out[name] = TensorInfo(path, m["dtype"], tuple(m["shape"]))
+        out[name] = TensorInfo(path, m["dtype"], tuple(m["shape"]), end - begin)
     return out
 
 
+INDEX = "model.safetensors.index.json"
+
+
+def _weight_map(ckpt: pathlib.Path) -> dict[str, str] | None:
+    index = ckpt / INDEX
+    if not index.exists():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{INDEX}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{INDEX}: 'weight_map' must map tensor names to shard file names")
+    return weight_map
+
+
 def checkpoint_files(ckpt: pathlib.Path) -> list[pathlib.Path]:
-    index = ckpt / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index.name}: unreadable ({e})") from None
+    weight_map = _weight_map(ckpt)
+    if weight_map is not None:
         files = sorted({ckpt / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.exists()]
         if missing:
-            raise CheckpointError(f"{index.name} lists shard(s) that do not exist: {', '.join(missing)}")
+            raise CheckpointError(f"{INDEX} lists shard(s) that do not exist: {', '.join(missing)}")
         return files
     files = sorted(ckpt.glob("*.safetensors"))
     if not files:
@@ -162,23 +176,43 @@ def checkpoint_files(ckpt: pathlib.Path) -> list[pathlib.Path]:
     return files
 
 
-def scan(ckpt: pathlib.Path) -> dict[str, TensorInfo]:
+def scan(ckpt: pathlib.Path) -> tuple[dict[str, TensorInfo], list[str]]:
+    """Every shard's header: (tensors by name, problems). Problems are index.json entries that disagree with the
+    headers (a tensor mapped to a shard that does not hold it, a tensor that the index does not list)."""
     tensors: dict[str, TensorInfo] = {}
     for f in checkpoint_files(ckpt):
         for name, info in read_header(f).items():
             if name in tensors:
                 raise CheckpointError(f"tensor '{name}' appears in both {tensors[name].file.name} and {f.name}")
             tensors[name] = info
-    return tensors
+    problems = []
+    weight_map = _weight_map(ckpt)
+    if weight_map is not None:
+        for name, fname in sorted(weight_map.items()):
+            info = tensors.get(name)
+            if info is None:
+                problems.append(f"index: {INDEX} maps '{name}' to {fname}, whose header has no such tensor")
+            elif info.file.name != fname:
+                problems.append(f"index: {INDEX} maps '{name}' to {fname}, but it is in {info.file.name}")
+        problems += [f"index: '{n}' is in {i.file.name} but not listed in {INDEX}"
+                     for n, i in sorted(tensors.items()) if n not in weight_map]
+    return tensors, problems
 
 
 # tensors the reference implementation knowingly drops (MTP's duplicate embedding/head, as DeepSeek's convert.py)
 IGNORED_SUFFIXES = ("mtp.0.embed.weight", "mtp.0.head.weight", "mtp.0.emb.tok_emb.weight")
 
 
-def validate(cfg: ModelConfig, found: dict[str, TensorInfo]) -> dict[str, str]:
-    """Check names/shapes/dtypes; returns {logical name: storage format}. Raises listing every problem."""
-    problems, formats, used = [], {}, set()
+def _raise_problems(problems: list[str]) -> None:
+    if problems:
+        head = f"checkpoint does not match its config ({len(problems)} problem(s)):\n  "
+        raise CheckpointError(head + "\n  ".join(problems[:60]) + ("\n  ..." if len(problems) > 60 else ""))
+
+
+def validate(cfg: ModelConfig, found: dict[str, TensorInfo], problems: list[str] | None = None) -> dict[str, str]:
+    """Check names/shapes/dtypes; returns {logical name: storage format}. Raises listing every problem (those
+    passed in as `problems` included)."""
+    problems, formats, used = list(problems or []), {}, set()
     for name, spec in expected_tensors(cfg).items():
         if spec.kind in ("linear", "expert", "flinear"):
             w, s = found.get(name + ".weight"), found.get(name + ".scale")
@@ -214,73 +248,270 @@ def validate(cfg: ModelConfig, found: dict[str, TensorInfo]) -> dict[str, str]:
                 problems.append(f"misshapen: {name}: got {t.dtype} {list(t.shape)}; expected {kinds} {list(spec.shape)}")
     unexpected = sorted(k for k in found if k not in used and not k.endswith(IGNORED_SUFFIXES))
     problems += [f"unexpected: {k} ({found[k].dtype} {list(found[k].shape)})" for k in unexpected]
-    if problems:
-        head = f"checkpoint does not match its config ({len(problems)} problem(s)):\n  "
-        raise CheckpointError(head + "\n  ".join(problems[:60]) + ("\n  ..." if len(problems) > 60 else ""))
+    mixed = {}
+    for name, fmt in formats.items():
+        stack = _expert_of(cfg, name)
+        if stack is not None:
+            mixed.setdefault(stack[0], set()).add(fmt)
+    problems += [f"mixed: the routed experts of {k} mix storage formats {sorted(v)}" for k, v in mixed.items()
+                 if len(v) > 1]
+    _raise_problems(problems)
     return formats
 
 
+def _expert_of(cfg: ModelConfig, name: str) -> tuple[str, int, int] | None:
+    """'layers.3.ffn.experts.7.w1' -> ('layers.3.ffn.experts', layer 3, expert 7); MTP block m is layer
+    n_layers + m (as in the model). None for anything that is not a routed expert's weight."""
+    if ".ffn.experts." not in name:
+        return None
+    stack, rest = name.split(".ffn.experts.")
+    kind, idx = stack.split(".")
+    layer = int(idx) + (cfg.n_layers if kind == "mtp" else 0)
+    return stack + ".ffn.experts", layer, int(rest.split(".")[0])
+
+
 # ----------------------------------------------------------------------------------------------- loading
-def _progress(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+class LoadProgress:
+    """Bytes read against the total from the headers: a live line on a terminal; in a log one line per shard
+    and one per 10% within a long shard. `finish` prints the summary line."""
+
+    def __init__(self, total: int, n_files: int, quiet: bool, stream=None):
+        self.total, self.n_files, self.quiet = max(total, 1), n_files, quiet
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.done, self.t0, self.last_live, self.last_decile = 0, time.perf_counter(), 0.0, 0
+        self.last_line = self.t0
+
+    def _line(self, what: str) -> str:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        return (f"loading weights: {_fmt_bytes(self.done)} / {_fmt_bytes(self.total)} "
+                f"({100 * self.done / self.total:.0f}%) {what}, {_fmt_bytes(self.done / dt)}/s")
+
+    def _print(self, msg: str, live: bool) -> None:
+        self.last_line = time.perf_counter()
+        if not self.quiet:
+            print(("\r" + msg + "\x1b[K") if live else msg, end="" if live else "\n", file=self.stream, flush=True)
+
+    def add(self, nbytes: int, where: str) -> None:
+        self.done += nbytes
+        now = time.perf_counter()
+        if self.tty:
+            if now - self.last_live > 0.2:
+                self.last_live = now
+                self._print(self._line(where), True)
+            return
+        decile = 10 * self.done // self.total
+        # within a long shard, a line per 10% (not for loads that take no time; 100% is the shard's own line)
+        if self.last_decile < decile < 10 and now - self.last_line >= 1.0:
+            self.last_decile, self.last_line = decile, now
+            self._print(self._line(where), False)
+
+    def shard_done(self, shard: int, name: str) -> None:
+        if self.tty:
+            self._print(self._line(f"shard {shard}/{self.n_files}"), True)
+        else:
+            self.last_decile = 10 * self.done // self.total
+            self._print(self._line(f"shard {shard}/{self.n_files} {name} done"), False)
+
+    def finish(self, summary: str) -> None:
+        if self.tty:
+            self._print("", True)
+        self._print(f"{summary} in {time.perf_counter() - self.t0:.1f} s", False)
+
+
+KeepExpert = Callable[[int, int], bool]
 
 
 def load_params(ckpt: pathlib.Path, cfg: ModelConfig, dtype: torch.dtype, device, weights: str = "native",
-                quiet: bool = False) -> dict:
-    """Validate, then stream every shard and prepare the parameters of `Transformer` on `device`."""
+                quiet: bool = False, keep_expert: KeepExpert | None = None) -> dict:
+    """Check the whole checkpoint, then stream it shard by shard into the parameters of `Transformer` on `device`.
+
+    Order: every shard's header is read and checked against the config (names, shapes, dtypes, data inside the
+    file, index.json agreeing with the headers), then the hash layers' `ffn.gate.tid2eid` tables are read and
+    their values checked to lie in [0, n_routed_experts); every problem found is reported at once in one
+    CheckpointError and nothing else has been read or allocated. Then each tensor is read, prepared for the
+    weight mode and moved to `device` right away (routed experts are copied into stacks preallocated on the
+    device), so host memory holds little beyond one tensor in flight besides what is already prepared.
+
+    keep_expert(layer, expert) -> bool: which routed experts to load (layer counts MTP blocks after the main
+    layers, as the model does: MTP block m is layer cfg.n_layers + m). A routed expert it rejects is never read.
+    Each MoE layer's `ExpertWeights` then holds only the kept experts, stacked in ascending global id order, with
+    `ids` = those global ids (`ids` is None when every expert is loaded). Position j of the stack is expert
+    ids[j]; `ExpertWeights.select` takes GLOBAL ids, so the expert-parallel `local_experts(experts, placement,
+    rank)` (which selects `placement.local_logical(rank)`) gives the same local stack whether the model was loaded
+    whole or with keep_expert keeping at least that rank's experts. Shared experts are always loaded. A model
+    loaded with a subset can run its MoE layers only through an EP context (the routing picks global ids).
+    """
     if weights not in WEIGHT_MODES:
         raise CheckpointError(f"unknown weight mode {weights!r} (choose {', '.join(WEIGHT_MODES)})")
-    found = scan(ckpt)
-    formats = validate(cfg, found)
-    raw: dict[str, torch.Tensor] = {}
-    files = sorted({i.file for i in found.values()})
-    t0, nbytes = time.time(), 0
-    for n, f in enumerate(files, 1):
-        with safe_open(f, framework="pt") as fh:
-            for name in fh.keys():
-                if name.endswith(IGNORED_SUFFIXES):
-                    continue
-                t = fh.get_tensor(name)
-                nbytes += t.numel() * t.element_size()
-                raw[name] = t
-        _progress(f"loading shard {n}/{len(files)} {f.name} ({nbytes / 2**20:.1f} MiB so far)", quiet)
-    params = prepare(cfg, raw, formats, dtype, device, weights)
-    _progress(f"loaded {len(files)} shard(s), {nbytes / 2**20:.1f} MiB in {time.time() - t0:.1f} s "
-              f"(weights={weights}, dtype={str(dtype).replace('torch.', '')}, device={device})", quiet)
-    return params
+    found, problems = scan(ckpt)
+    formats = validate(cfg, found, problems)
+    specs = expected_tensors(cfg)
 
+    # what to read: checkpoint key -> logical name; experts not kept are skipped (their headers were checked)
+    want: dict[str, str] = {}
+    kept: dict[str, list[int]] = {}       # expert stack -> global ids kept, ascending
+    skipped = 0
+    for name, spec in specs.items():
+        keys = [name + ".weight", name + ".scale"] if spec.kind in ("linear", "expert", "flinear") else [name]
+        stack = _expert_of(cfg, name)
+        if stack is not None:
+            key, layer, eid = stack
+            if keep_expert is not None and not keep_expert(layer, eid):
+                skipped += name.endswith(".w1")
+                continue
+            if name.endswith(".w1"):
+                kept.setdefault(key, []).append(eid)
+        want.update({k: name for k in keys if k in found})
+    for name in specs:                                          # layers whose every expert was dropped
+        stack = _expert_of(cfg, name)
+        if stack is not None:
+            kept.setdefault(stack[0], [])
 
-def prepare(cfg: ModelConfig, raw: dict, formats: dict, dtype, device, weights: str) -> dict:
-    """Checkpoint tensors -> model parameters per weight mode (consumes `raw`)."""
+    files = sorted({found[k].file for k in want})
+    progress = LoadProgress(sum(found[k].nbytes for k in want), len(files), quiet)
     out: dict = {}
-    experts: dict[str, dict] = {}
-    scale_fmt = cfg.scale_fmt
-    for name, spec in expected_tensors(cfg).items():
-        if spec.kind in ("linear", "expert", "flinear"):
-            w, s, fmt = raw.pop(name + ".weight"), raw.pop(name + ".scale", None), formats[name]
-            is_expert = ".ffn.experts." in name or ".ffn.shared_experts." in name
-            # int8 W8A8 covers the dense linears; experts go to bf16 (the grouped GEMM runs bf16 there)
-            mode = "bf16" if weights == "int8" and is_expert else weights
-            weight = _prepare_linear(w, s, fmt, mode, dtype, name.endswith("attn.wo_a"), scale_fmt)
-            if is_expert:
-                base, which = name.rsplit(".", 1)
-                key = base.rsplit(".", 1)[0] if ".ffn.experts." in name else base
-                eid = int(base.rsplit(".", 1)[1]) if ".ffn.experts." in name else 0
-                experts.setdefault(key, {}).setdefault(which, {})[eid] = weight
-            else:
-                out[name] = weight.to(device)
-        else:
-            t = raw.pop(name)
-            if spec.kind == "int":
-                out[name] = t.to(device=device, dtype=torch.int64)
-            elif name.endswith(("embed.weight",)) or ".ffn.gate.weight" in name:
-                out[name] = t.to(device=device, dtype=dtype)
-            else:  # norms, mHC, sinks, compressor (fp32 linears), ape, bias, head: float32
-                out[name] = t.to(device=device, dtype=torch.float32)
-    for key, parts in experts.items():
-        out[key] = _stack_experts(parts, device, scale_fmt)
+    problems = []
+    for name, spec in specs.items():                            # small routing tables first: checked before the rest
+        if spec.kind == "int":
+            with safe_open(found[name].file, framework="pt") as fh:
+                t = fh.get_tensor(name)
+            progress.add(found[name].nbytes, "routing tables")
+            bad = (t < 0) | (t >= cfg.n_routed_experts)
+            if bool(bad.any()):
+                problems.append(f"bad values: {name}: {int(bad.sum())} entries outside [0, {cfg.n_routed_experts}) "
+                                f"(min {int(t.min())}, max {int(t.max())})")
+            out[name] = t.to(device=device, dtype=torch.int64)
+            del want[name]
+    _raise_problems(problems)
+
+    stacks = {key: _ExpertStack(cfg, key, ids, formats, found, weights, dtype, device) for key, ids in kept.items()}
+    pending: dict[str, dict[str, torch.Tensor]] = {}            # a linear whose .weight or .scale is still to come
+    for n_file, f in enumerate(files, 1):
+        with safe_open(f, framework="pt") as fh:
+            for key in fh.keys():
+                name = want.get(key)
+                if name is None:
+                    continue
+                parts = pending.setdefault(name, {})
+                parts[key[len(name) + 1:] if key != name else ""] = fh.get_tensor(key)
+                progress.add(found[key].nbytes, f"shard {n_file}/{len(files)}")
+                spec = specs[name]
+                if spec.kind in ("linear", "expert", "flinear") and \
+                        ("weight" not in parts or (formats[name] != "bf16" and "scale" not in parts)):
+                    continue
+                del pending[name]
+                _place(cfg, name, spec, parts, formats, weights, dtype, device, out, stacks)
+        progress.shard_done(n_file, f.name)
+    for key, stack in stacks.items():
+        out[key] = stack.weights()
+    for name in specs:                                          # shared experts: one-expert stacks
+        if name.endswith(".ffn.shared_experts.w1"):
+            base = name[:-3]
+            out[base] = _one_expert({w: out.pop(f"{base}.{w}") for w in ("w1", "w2", "w3")}, cfg.scale_fmt)
+    prepared = sum(_nbytes(v) for v in out.values())
+    progress.finish(f"loaded {len(want) + sum(1 for s in specs.values() if s.kind == 'int')} tensors "
+                    f"({_fmt_bytes(progress.done)}) from {len(files)} shard(s)"
+                    + (f", {skipped} routed experts not kept (keep_expert) and not read" if skipped else "")
+                    + f"; prepared {_fmt_bytes(prepared)} on {device} (weights={weights}, "
+                      f"dtype={str(dtype).replace('torch.', '')})")
     return out
+
+
+def _nbytes(v) -> int:
+    if isinstance(v, torch.Tensor):
+        return v.numel() * v.element_size()
+    if isinstance(v, Weight):
+        return v.nbytes()
+    return sum(t.numel() * t.element_size() for t in (v.w1, v.w2, v.w3, v.s1, v.s2, v.s3) if t is not None)
+
+
+def _mode_for(name: str, weights: str) -> str:
+    # int8 W8A8 covers the dense linears; experts go to bf16 (the grouped GEMM runs bf16 there)
+    is_expert = ".ffn.experts." in name or ".ffn.shared_experts." in name
+    return "bf16" if weights == "int8" and is_expert else weights
+
+
+def _place(cfg, name, spec, parts, formats, weights, dtype, device, out, stacks) -> None:
+    """Prepare one checkpoint tensor (or weight + scale pair) and put it where the model expects it."""
+    if spec.kind in ("linear", "expert", "flinear"):
+        weight = _prepare_linear(parts["weight"], parts.get("scale"), formats[name], _mode_for(name, weights), dtype,
+                                 name.endswith("attn.wo_a"), cfg.scale_fmt)
+        stack = _expert_of(cfg, name)
+        if stack is not None:
+            stacks[stack[0]].put(stack[2], name.rsplit(".", 1)[1], weight)
+        else:
+            out[name] = weight.to(device)
+        return
+    t = parts[""]
+    if name.endswith("embed.weight") or ".ffn.gate.weight" in name:
+        out[name] = t.to(device=device, dtype=dtype)
+    else:  # norms, mHC, sinks, compressor (fp32 linears), ape, bias, head: float32
+        out[name] = t.to(device=device, dtype=torch.float32)
+
+
+def _prepared_layout(fmt: str, mode: str, dtype, shape, stored: str):
+    """(format, weight shape, weight dtype, scale shape or None) of a prepared expert weight: what
+    `_prepare_linear` returns for it, known from the header alone (so the stacks can be allocated up front)."""
+    n, k = shape
+    if fmt == "bf16" or mode == "bf16":
+        return "bf16", (n, k), dtype, None
+    if fmt == "fp4" and mode == "fp8":
+        return "fp8", (n, k), torch.float8_e4m3fn, (n // 128, k // 128)
+    if fmt == "fp8":
+        return "fp8", (n, k), torch.float8_e4m3fn, (-(-n // 128), -(-k // 128))
+    return "fp4", (n, k // 2), ST_DTYPES[stored], (n, k // 32)
+
+
+class _ExpertStack:
+    """The routed experts of one MoE layer, stacked in tensors allocated on the device before any is read."""
+
+    def __init__(self, cfg, key, ids, formats, found, weights, dtype, device):
+        self.key, self.ids, self.scale_fmt, self.n_experts = key, ids, cfg.scale_fmt, cfg.n_routed_experts
+        self.pos = {e: j for j, e in enumerate(ids)}
+        self.t: dict[str, torch.Tensor | None] = {}
+        self.fmt = "bf16"
+        mode = _mode_for(key + ".0", weights)
+        i, d = cfg.moe_inter_dim, cfg.dim
+        for w, shape in (("w1", (i, d)), ("w3", (i, d)), ("w2", (d, i))):
+            first = f"{key}.{ids[0] if ids else 0}.{w}"
+            self.fmt, wshape, wdtype, sshape = _prepared_layout(formats[first], mode, dtype, shape,
+                                                                found[first + ".weight"].dtype)
+            self.t[w] = torch.empty((len(ids), *wshape), dtype=wdtype, device=device)
+            self.t["s" + w[1]] = None if sshape is None else torch.empty((len(ids), *sshape), device=device)
+        self.filled = 0
+
+    def put(self, eid: int, which: str, weight: Weight) -> None:
+        j = self.pos[eid]
+        self.t[which][j].copy_(weight.w)
+        if weight.scale is not None:
+            self.t["s" + which[1]][j].copy_(weight.scale)
+        self.filled += 1
+
+    def weights(self) -> ExpertWeights:
+        if self.filled != 3 * len(self.ids):      # every kept expert's w1, w2, w3 was in the files (checked above)
+            raise CheckpointError(f"{self.key}: {self.filled} of {3 * len(self.ids)} expert weights were read")
+        t = self.t
+        whole = len(self.ids) == self.n_experts      # ids are sorted and unique, so this is 0..E-1
+        return ExpertWeights(self.fmt, t["w1"], t["w2"], t["w3"], t["s1"], t["s2"], t["s3"], self.scale_fmt,
+                             ids=None if whole else tuple(self.ids))
+
+
+def _one_expert(parts: dict, scale_fmt) -> ExpertWeights:
+    """The shared expert as a one-expert ExpertWeights (already on the device)."""
+    fmts = {w.fmt for w in parts.values()}
+    if len(fmts) != 1:
+        raise CheckpointError(f"the shared expert's w1/w2/w3 mix storage formats: {sorted(fmts)}")
+    fmt = fmts.pop()
+    st = lambda k, a: getattr(parts[k], a).unsqueeze(0)  # noqa: E731
+    if fmt == "bf16":
+        return ExpertWeights("bf16", st("w1", "w"), st("w2", "w"), st("w3", "w"))
+    return ExpertWeights(fmt, st("w1", "w"), st("w2", "w"), st("w3", "w"), st("w1", "scale"), st("w2", "scale"),
+                         st("w3", "scale"), scale_fmt)
 
 
 def _prepare_linear(w, s, fmt, mode, dtype, dequant_always, scale_fmt):
@@ -298,19 +529,6 @@ def _prepare_linear(w, s, fmt, mode, dtype, dequant_always, scale_fmt):
         q, s8 = Q.fp4_to_fp8_weight(w, s.float())
         return Weight(q, s8, "fp8", scale_fmt)
     return Weight(w, s.float(), fmt, scale_fmt)
-
-
-def _stack_experts(parts: dict, device, scale_fmt) -> ExpertWeights:
-    ws = {k: [parts[k][i] for i in sorted(parts[k])] for k in ("w1", "w2", "w3")}
-    fmts = {w.fmt for v in ws.values() for w in v}
-    if len(fmts) != 1:
-        raise CheckpointError(f"experts of one layer mix storage formats: {sorted(fmts)}")
-    fmt = fmts.pop()
-    st = lambda k, a: torch.stack([getattr(w, a) for w in ws[k]]).to(device)  # noqa: E731
-    if fmt == "bf16":
-        return ExpertWeights("bf16", st("w1", "w"), st("w2", "w"), st("w3", "w"))
-    return ExpertWeights(fmt, st("w1", "w"), st("w2", "w"), st("w3", "w"), st("w1", "scale"), st("w2", "scale"),
-                         st("w3", "scale"), scale_fmt)
 
 
 # ----------------------------------------------------------------------------------------------- writing

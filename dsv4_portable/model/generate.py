@@ -57,6 +57,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
         raise ModelInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not 0 < top_p <= 1:
         raise ModelInputError(f"top_p must be in (0, 1], got {top_p}")
+    model.check_token_ids(prompts)          # here, on the lists: the forwards below skip the device-side check
     longest = max(len(p) for p in prompts) + max_new_tokens
     if longest > cfg.max_position_embeddings:
         raise ModelInputError(f"prompt + max_new_tokens = {longest} exceeds max_position_embeddings "
@@ -71,7 +72,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
         ids = torch.tensor([prompts[i] for i in rows], dtype=torch.int64, device=model.device)
         cache = model.new_cache(len(rows), length + max_new_tokens, cache_layout)
         t0 = time.perf_counter()
-        logits = model.forward(ids, cache)
+        logits = model.forward(ids, cache, check_ids=False)
         _sync(model.device)
         out.prefill_s += time.perf_counter() - t0
         out.prefill_tokens += ids.numel()
@@ -79,10 +80,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
         t0 = time.perf_counter()
         for step in range(max_new_tokens):
             nxt = sample(logits, temperature, top_p, gen)
-            for r, tok in zip(rows, nxt.tolist()):
-                if not done[rows.index(r)]:
+            toks = nxt.tolist()                 # the one host read per step: tokens are the output
+            for j, (r, tok) in enumerate(zip(rows, toks)):
+                if not done[j]:
                     out.tokens[r].append(tok)
-            done |= torch.tensor([t in stops for t in nxt.tolist()])
+            done |= torch.tensor([t in stops for t in toks])
             if progress and (sys.stderr.isatty() or (step + 1) % 16 == 0 or step + 1 == max_new_tokens
                              or bool(done.all())):
                 # a live counter on a terminal; one line every 16 tokens in a log
@@ -90,7 +92,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
                 print(f"\rdecoding: {step + 1}/{max_new_tokens} tokens", end=end, file=sys.stderr, flush=True)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
-            logits = model.forward(nxt.view(-1, 1), cache)
+            logits = model.forward(nxt.view(-1, 1), cache, check_ids=False)   # sampled: in range by construction
             out.decode_tokens += len(rows)
         _sync(model.device)
         out.decode_s += time.perf_counter() - t0

@@ -129,6 +129,9 @@ class MoE:
                                cfg.score_func, cfg.route_scale)
         if self.ep is not None:
             return self.ep.moe(self.layer, t, idx, w).view_as(x)
+        if self.experts.ids is not None:
+            raise ModelInputError(f"layer {self.layer} holds only experts {list(self.experts.ids)} (loaded with "
+                                  "keep_expert); its MoE runs only with expert parallelism (ep.model.EPContext)")
         y = ops.moe_experts(t, idx, w, self.experts, self.shared, cfg.swiglu_limit)
         return y.view_as(x)
 
@@ -168,14 +171,24 @@ class Transformer:
     def new_cache(self, batch: int, max_len: int, layout: str = "auto") -> KVCache:
         return KVCache(self.cfg, batch, max_len, self.dtype, self.device, layout, self.quant_sim)
 
-    def _check_ids(self, input_ids: torch.Tensor, cache: KVCache | None) -> None:
+    def check_token_ids(self, prompts: list[list[int]]) -> None:
+        """Token ids given as Python lists (prompts) must lie in [0, vocab): checked without touching a device."""
+        v = self.cfg.vocab_size
+        bad = sorted({t for p in prompts for t in p if not 0 <= t < v})
+        if bad:
+            raise ModelInputError(f"token ids must be in [0, {v}); got {', '.join(map(str, bad[:8]))}"
+                                  + (" ..." if len(bad) > 8 else ""))
+
+    def _check_ids(self, input_ids: torch.Tensor, cache: KVCache | None, values: bool = True) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int32,
                                                                                                   torch.int64):
             raise ModelInputError("input_ids must be an integer tensor of shape [batch, seq_len], got "
                                   f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
         if input_ids.shape[1] == 0:
             raise ModelInputError("input_ids is empty (seq_len 0)")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        # the value range needs the ids on the host (a device sync on GPU): done where ids come from the user,
+        # skipped (values=False) for tokens the model sampled itself or ids already checked as Python lists
+        lo, hi = (int(input_ids.min()), int(input_ids.max())) if values else (0, 0)
         if lo < 0 or hi >= self.cfg.vocab_size:
             raise ModelInputError(f"token ids must be in [0, {self.cfg.vocab_size}); got values in [{lo}, {hi}]")
         if cache is not None:
@@ -183,14 +196,16 @@ class Transformer:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, all_logits: bool = False,
-                return_hidden: bool = False):
+                return_hidden: bool = False, check_ids: bool = True):
         """Run S new tokens per sequence. Without a cache this is a prefill from position 0 into a fresh cache
         sized to the input. Returns logits float32 [B, S, vocab] (all positions) or [B, vocab] (last), and with
-        return_hidden also the final mHC streams [B, S, hc, D] (the MTP block's input)."""
+        return_hidden also the final mHC streams [B, S, hc, D] (the MTP block's input). check_ids=False skips
+        the [0, vocab) range check of the ids' values (for ids known to be in range: sampled by the model)."""
         if cache is None:
-            self._check_ids(input_ids, None)
+            self._check_ids(input_ids, None, check_ids)
             cache = self.new_cache(input_ids.shape[0], input_ids.shape[1])
-        self._check_ids(input_ids, cache)
+            check_ids = False
+        self._check_ids(input_ids, cache, check_ids)
         input_ids = input_ids.to(self.device)
         p0 = cache.pos
         h = F.embedding(input_ids, self.embed).unsqueeze(2).repeat(1, 1, self.cfg.hc_mult, 1)

@@ -6,11 +6,12 @@
 """
 from . import devices, ops  # noqa: F401  (defines the ops and the three backends)
 from .registry import (BACKENDS, OPS, BackendUnavailableError, NoProviderError, OpInputError, UnknownDeviceError,
-                       active_backend, get_backend, get_op, provider_counts, reset_counts, set_backend, use_backend)
+                       active_backend, explain, get_backend, get_op, provider_counts, reset_counts, set_backend,
+                       use_backend)
 
 __version__ = "0.1.0"
 __all__ = ["load_model", "ops", "devices", "BACKENDS", "OPS", "BackendUnavailableError", "NoProviderError", "OpInputError",
-           "UnknownDeviceError", "active_backend", "get_backend", "get_op", "provider_counts", "reset_counts",
+           "UnknownDeviceError", "active_backend", "explain", "get_backend", "get_op", "provider_counts", "reset_counts",
            "set_backend", "use_backend"]
 
 

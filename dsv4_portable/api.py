@@ -17,7 +17,7 @@ from .model.cache import KVCache
 from .model.checkpoint import WEIGHT_MODES, CheckpointError, load_params
 from .model.generate import Generation, generate
 from .model.transformer import ModelInputError, Transformer
-from .registry import set_backend
+from .registry import use_backend
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
           "fp16": torch.float16, "float16": torch.float16}
@@ -38,8 +38,8 @@ class Model:
 
     def forward(self, input_ids, cache: KVCache | None = None, all_logits: bool = False):
         """Logits (float32) for new tokens; with a cache this continues from cache.pos (decode / chunked prefill)."""
-        set_backend(self.backend)
-        return self.net.forward(_as_ids(input_ids), cache, all_logits)
+        with use_backend(self.backend):
+            return self.net.forward(_as_ids(input_ids), cache, all_logits)
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -53,11 +53,12 @@ class Model:
                  seed: int | None = None, stop_tokens=None, cache_layout: str = "auto",
                  progress: bool = False) -> Generation:
         """prompts: a list of strings (needs a tokenizer) or of token-id lists."""
-        set_backend(self.backend)
         if isinstance(prompts, (str, torch.Tensor)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         ids = [self.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
-        out = generate(self.net, ids, max_new_tokens, temperature, top_p, seed, stop_tokens, cache_layout, progress)
+        with use_backend(self.backend):
+            out = generate(self.net, ids, max_new_tokens, temperature, top_p, seed, stop_tokens, cache_layout,
+                           progress)
         if self.tokenizer is not None:
             out.texts = [self.tokenizer.decode(t) for t in out.tokens]
         return out
@@ -84,25 +85,26 @@ def load_model(path: str | pathlib.Path = "tiny", device: str = "cpu", dtype="bf
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r} (choose {', '.join(DTYPES)})")
         dtype = DTYPES[dtype]
-    backend = set_backend(device)                 # fails here, with the reason, if the device cannot run
-    if weights != "auto" and weights not in WEIGHT_MODES:
-        raise CheckpointError(f"unknown weight mode {weights!r} (choose auto, {', '.join(WEIGHT_MODES)})")
-    weights, weight_note = backend.weight_mode(weights)
-    if not quiet:
-        print(f"weights: {weight_note}", file=sys.stderr)
-    if str(path) == "tiny":
-        from .model.tiny import tiny_checkpoint
-        path = tiny_checkpoint(quiet=quiet)
-    path = pathlib.Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
-    cfg = load_config(path)
-    tdev = backend.torch_device()
-    params = load_params(path, cfg, dtype, tdev, weights, quiet, keep_expert)
-    tokenizer = None
-    if (path / "tokenizer.json").exists():
-        from tokenizers import Tokenizer
-        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-    model = Model(Transformer(cfg, params, dtype, tdev, quant_sim), device, path, tokenizer)
-    model.weights, model.weight_note = weights, weight_note
-    return model
+    # The model's backend is active while it loads and while its own methods run; the caller's stays as it was.
+    with use_backend(device) as backend:      # fails here, with the reason, if the device cannot run
+        if weights != "auto" and weights not in WEIGHT_MODES:
+            raise CheckpointError(f"unknown weight mode {weights!r} (choose auto, {', '.join(WEIGHT_MODES)})")
+        weights, weight_note = backend.weight_mode(weights)
+        if not quiet:
+            print(f"weights: {weight_note}", file=sys.stderr)
+        if str(path) == "tiny":
+            from .model.tiny import tiny_checkpoint
+            path = tiny_checkpoint(quiet=quiet)
+        path = pathlib.Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint directory {path} does not exist")
+        cfg = load_config(path)
+        tdev = backend.torch_device()
+        params = load_params(path, cfg, dtype, tdev, weights, quiet, keep_expert)
+        tokenizer = None
+        if (path / "tokenizer.json").exists():
+            from tokenizers import Tokenizer
+            tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        model = Model(Transformer(cfg, params, dtype, tdev, quant_sim), device, path, tokenizer)
+        model.weights, model.weight_note = weights, weight_note
+        return model

@@ -76,11 +76,6 @@ class EntryStore:
         self.data[:, a:a + head] = packed[:, :head]
         self.data[:, :n - head] = packed[:, head:]
 
-    def write_slots(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
-        """rows [B, n, head_dim] into the slot indices `slots` [n] (distinct; a device tensor is fine: one
-        index_copy_, no host sync)."""
-        self.data.index_copy_(1, slots.to(device=self.data.device, dtype=torch.int64), self._pack(rows))
-
     def read(self, n: int | None = None) -> torch.Tensor:
         """The first n entries as [B, n, head_dim] in the model dtype."""
         d = self.data if n is None else self.data[:, :n]

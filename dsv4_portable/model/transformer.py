@@ -84,7 +84,7 @@ class Attention:
         o = ops.rope(o, cos, sin, inverse=True)
 
         keep = min(s, w)                                     # the ring keeps the last `window` positions
-        lc.window.write_slots(kv[:, s - keep:], (pos[s - keep:] % w))
+        lc.window.write_ring(kv[:, s - keep:], p0 + s - keep)
 
         g = cfg.o_groups
         o = ops.grouped_linear(o.view(b, s, g, -1), self.wo_a.view(g, cfg.o_lora_rank, -1))

@@ -187,6 +187,8 @@ _HF_FIXED = {
 # max_seq_len is the size of the reference code's pre-allocated cache (4096 by default), not the model's context:
 # accepted and ignored (a cache is sized per call: Model.new_cache(batch, max_len)).
 _ARGS_FIXED = {"max_batch_size": None, "scale_dtype": None, "n_mtp_layers": None, "max_seq_len": None}
+# DeepSeek's Transformer uses one activation scale rule for the linears and the KV QAT round trip:
+# "ue8m0" when scale_dtype is fp8 (its default), else scale_fmt.
 
 
 def _parse_rope_scaling(rs, out: dict) -> None:
@@ -379,6 +381,15 @@ def from_model_args(raw: dict, name: str = "custom") -> ModelConfig:
             raise ConfigError(f"config key '{k}' is unknown (not a DeepSeek-V4 ModelArgs field)")
     if out.get("expert_dtype") is None:
         out["expert_dtype"] = "fp8" if out.get("dtype", "fp8") == "fp8" else "bf16"
+    scale_dtype = raw.get("scale_dtype", "fp8")
+    if scale_dtype not in ("fp8", "fp32"):
+        raise ConfigError(f"config key 'scale_dtype': must be fp8 or fp32, got {scale_dtype!r}", "scale_dtype")
+    if scale_dtype == "fp8":
+        out["scale_fmt"] = "ue8m0"
+    elif out.get("scale_fmt") is None:
+        raise ConfigError("config key 'scale_dtype': fp32 with scale_fmt null makes DeepSeek quantise activations and "
+                          "the KV QAT round trip with amax/448 scales; this library's KV round trip uses ue8m0 scales "
+                          "only, so the model would not be DeepSeek's (set scale_fmt: ue8m0)", "scale_dtype")
     if "n_mtp_layers" in raw:
         out["n_mtp_layers"] = raw["n_mtp_layers"]
     return _build(out, {v: k for k, v in _ARGS_NAMES.items()})

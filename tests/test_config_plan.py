@@ -198,3 +198,15 @@ def test_yaml_preset_that_is_not_a_mapping(tmp_path):
     (tmp_path / "bad.yaml").write_text("vocab_size: [1\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_model_args_scale_rule_follows_deepseek():
+
+    raw = dict(FLASH_ARGS)
+    raw.pop("scale_fmt")
+    assert from_model_args(raw).scale_fmt == "ue8m0"                    # scale_dtype defaults to fp8: pow2 scales
+    assert from_model_args({**raw, "scale_dtype": "fp32", "scale_fmt": "ue8m0"}).scale_fmt == "ue8m0"
+    with pytest.raises(ConfigError, match="'scale_dtype'.*amax/448"):
+        from_model_args({**raw, "scale_dtype": "fp32"})
+    with pytest.raises(ConfigError, match="'scale_dtype': must be fp8 or fp32"):
+        from_model_args({**raw, "scale_dtype": "bf16"})

@@ -201,7 +201,6 @@ def test_yaml_preset_that_is_not_a_mapping(tmp_path):
 
 
 def test_model_args_scale_rule_follows_deepseek():
-
     raw = dict(FLASH_ARGS)
     raw.pop("scale_fmt")
     assert from_model_args(raw).scale_fmt == "ue8m0"                    # scale_dtype defaults to fp8: pow2 scales

@@ -232,6 +232,21 @@ def attention_cases() -> list[Case]:
 
     cases.append(Case("indexer_topk", "indexer_topk/decode/bfloat16", 45, BF16, indexer_decode_args,
                       slice0=_first(0, 1, 2, 3)))
+
+    def indexer_ascend_args(g, b, s, h, n, store=None):
+        """The widths the Ascend lightning indexer takes (D 128; 8 heads is the smallest count the 950 takes):
+        keys either the head of a larger cache store (read in place as pages) or a fresh tensor (padded copy)."""
+        q = _randn(g, b, s, h, 128, dtype=BF16)
+        keys = _randn(g, b, store or n, 128, dtype=BF16)
+        w = _randn(g, b, s, h).abs() * (128 ** -0.5) * (h ** -0.5)
+        visible = torch.randint(0, n + 1, (b, s), generator=g, dtype=torch.int32)
+        visible[0, -1], visible[-1, 0] = n, 0                        # a row that sees every key, one that sees none
+        return q, keys[:, :n], w, visible, 8
+
+    cases.append(Case("indexer_topk", "indexer_topk/ascend_prefill_store_slice/bfloat16", 47, BF16,
+                      lambda g: indexer_ascend_args(g, 2, 3, 8, 40, store=64), slice0=_first(0, 1, 2, 3)))
+    cases.append(Case("indexer_topk", "indexer_topk/ascend_decode_64_heads/bfloat16", 48, BF16,
+                      lambda g: indexer_ascend_args(g, 3, 1, 64, 37), slice0=_first(0, 1, 2, 3)))
     for dt in (BF16, F32):
         n = str(dt).split(".")[-1]
         cases.append(Case("indexer_topk", f"indexer_topk/visible_counts/{n}", 43, dt,

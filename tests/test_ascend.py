@@ -400,3 +400,35 @@ def test_int8_w8a8_on_a3_matches_the_int8_reference(standin):
     a, b, c = want.double(), got.double(), fp8.double()
     assert 1 - 2 * (a * b).sum() / (a * a + b * b).sum() < 1e-3          # same recipe: kernel-order differences
     assert 1 - 2 * (a * c).sum() / (a * a + c * c).sum() < 5e-2          # W8A8 vs DeepSeek's FP8 recipe: close
+
+
+# ----------------------------------------------------------------------------------------------- prepare_weights
+@pytest.mark.parametrize("standin", ["A3"], indirect=True)
+def test_prepare_weights_replaces_tensors_once_and_keeps_the_logits(standin):
+    """What load_model runs on Ascend after load_params: re-layouts replace the tensors (the originals are freed,
+    nothing is held twice) and the model computes the same logits."""
+    import gc
+    import weakref
+
+    from dsv4_portable.backends.ascend.weights import prepare_weights
+    from dsv4_portable.config import load_config
+    from dsv4_portable.model.checkpoint import load_params
+    from dsv4_portable.model.tiny import tiny_checkpoint
+    from dsv4_portable.model.transformer import Transformer
+
+    path = tiny_checkpoint(quiet=True)
+    cfg = load_config(path)
+    ids = torch.arange(3, 20).unsqueeze(0)
+    with registry.use_backend("ascend"):
+        params = load_params(path, cfg, BF16, "cpu", "bf16", quiet=True)
+        gate = "layers.1.ffn.gate.weight"
+        before = Transformer(cfg, params, BF16, "cpu").forward(ids, all_logits=True)
+        original = weakref.ref(params[gate])
+        prepared = prepare_weights(params, "A3")
+        assert prepared[gate].dtype == torch.float32 and torch.equal(prepared[gate], params[gate].float())
+        assert set(prepared) == set(params)
+        del params
+        gc.collect()
+        assert original() is None                                   # the bf16 gate is gone, not cached beside
+        after = Transformer(cfg, prepared, BF16, "cpu").forward(ids, all_logits=True)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)        # an exact re-layout

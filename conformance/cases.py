@@ -213,6 +213,19 @@ def attention_cases() -> list[Case]:
                               lambda g, dt=dt, a=(p0, s, ratio, csa, sink): window_args(g, dt, *a[:4], sink_mode=a[4]),
                               k=16 + s + 8, slice0=_first(0, 1, 2, 3, 4)))
 
+    # At the widths the fused Ascend attention takes (64 heads, head dim 512, window 128; CSA top-k padded to 512):
+    # a wrapped ring, chunks crossing a compressed-entry boundary, both sink extremes.
+    for label, p0, s, ratio, csa, sink, large in (("v4_window_decode_wrapped", 300, 1, 0, False, "-inf", False),
+                                                  ("v4_window_prefill", 0, 5, 0, False, "random", True),
+                                                  ("v4_hca_chunk_across_entry", 250, 8, 128, False, "random", False),
+                                                  ("v4_hca_decode_sink_huge", 385, 1, 128, False, "huge", True),
+                                                  ("v4_csa_decode", 203, 1, 4, True, "random", False),
+                                                  ("v4_csa_chunk", 121, 6, 4, True, "-inf", True)):
+        cases.append(Case("window_sparse_attn", f"window_sparse_attn/{label}/bfloat16", 49, BF16,
+                          lambda g, a=(p0, s, ratio, csa, sink): window_args(g, BF16, *a[:4], sink_mode=a[4], h=64,
+                                                                             d=512, w=128),
+                          k=128 + s + 8, slice0=_first(0, 1, 2, 3, 4), large=large))
+
     def indexer_args(g, dt, ties=False):
         b, s, h, di, n = 2, 4, 4, 32, 24
         q = _randn(g, b, s, h, di, dtype=dt)

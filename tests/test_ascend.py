@@ -102,6 +102,7 @@ def test_providers_pass_the_op_conformance_cases(standin):
     want = {"rms_norm", "rope", "moe_route", "moe_experts", "indexer_topk", "linear", "grouped_linear"}
     assert want <= passed, want - passed
     assert ("hc_post" in passed) == (soc != 260)             # vllm-ascend's kernels are off on the 950
+    assert ("window_sparse_attn" in passed) == (soc != 260)  # npu_sparse_attn_sharedkv: A2/A3
     assert ("fp8_linear" in passed) == (soc == 260)                        # FP8 arithmetic only on 950
     assert ("int8_linear" in passed) == (soc != 260)                       # int8 W8A8 on A2/A3
     for r in records:                                      # every decline says why
@@ -353,7 +354,7 @@ def test_vendor_check_passes_the_spec_and_catches_a_deviating_op(standin):
     def gating_without_norm_out(*args, **kwargs):             # returns 2 of the 3 outputs
         return spec["custom.npu_moe_gating_top_k"](*args, **kwargs)[:2]
 
-    bad = vendor_spec_records(progress=lambda s: None, module=standin,
+    bad = vendor_spec_records(progress=lambda s: None, module=standin, only={"npu_rms_norm", "npu_moe_gating_top_k"},
                               overrides={"torch_npu.npu_rms_norm": rms_norm_without_epsilon,
                                          "custom.npu_moe_gating_top_k": gating_without_norm_out})
     status = {r.case_id: (r.status, r.message) for r in bad}
@@ -372,7 +373,7 @@ def test_vendor_check_compares_undefined_outputs_by_shape_only(standin):
         w, idx, out = spec["custom.npu_moe_gating_top_k"](*args, **kwargs)
         return w, idx, out[:, :1]
     for fn, want in ((gating_with_other_garbage, "pass"), (gating_with_short_norm_out, "fail")):
-        recs = vendor_spec_records(progress=lambda s: None, module=standin,
+        recs = vendor_spec_records(progress=lambda s: None, module=standin, only={"npu_moe_gating_top_k"},
                                    overrides={"custom.npu_moe_gating_top_k": fn})
         rec = next(r for r in recs if r.case_id == "vendor_spec/gating/sqrtsoftplus/custom")
         assert rec.status == want, rec.message
@@ -432,3 +433,83 @@ def test_prepare_weights_replaces_tensors_once_and_keeps_the_logits(standin):
         assert original() is None                                   # the bf16 gate is gone, not cached beside
         after = Transformer(cfg, prepared, BF16, "cpu").forward(ids, all_logits=True)
     torch.testing.assert_close(after, before, rtol=0, atol=0)        # an exact re-layout
+
+
+# ----------------------------------------------------------------------------------------------- sparse attention
+def _v4_attention_step(g, p0, s, ratio, b=1):
+    """A window_sparse_attn step at the fused op's widths, and its metadata-free vendor arguments."""
+    q = torch.randn(b, s, 64, 512, generator=g).to(BF16)
+    ring, kv = (torch.randn(b, 128, 512, generator=g).to(BF16), torch.randn(b, s, 512, generator=g).to(BF16))
+    comp = torch.randn(b, (p0 + s) // ratio, 512, generator=g).to(BF16) if ratio else None
+    topk = torch.randperm(comp.shape[1], generator=g)[:10].int().expand(b, s, 10).contiguous() if ratio == 4 else None
+    return q, ring, kv, comp, topk, torch.randn(64, generator=g), 512 ** -0.5, p0, ratio
+
+
+@pytest.mark.parametrize("standin", ["A3"], indirect=True)
+def test_sparse_attention_leaves_the_ring_alone_and_needs_its_own_metadata(standin):
+    from dsv4_portable.backends.ascend import attention
+    args = _v4_attention_step(torch.Generator().manual_seed(1), 201, 2, 4)
+    ring = args[1].clone()
+    attention._METADATA_CACHE.clear()
+    with registry.use_backend("ascend"):
+        registry.reset_counts()
+        got = ops.window_sparse_attn(*args)
+        assert registry.provider_counts()["window_sparse_attn"] == {"cann": 1}
+    assert torch.equal(args[1], ring)                                     # the caller's ring is not written
+    torch.testing.assert_close(got.float(), ref.window_sparse_attn(*args).float(), rtol=1.6e-2, atol=2e-3)
+    # metadata made for another step is refused by name: plant this step's (kv length 203) under the key of the
+    # step before (kv length 202), as a cache bug would
+    (b, s, kv_len, *rest), meta = next(iter(attention._METADATA_CACHE.items()))
+    attention._METADATA_CACHE.clear()
+    attention._METADATA_CACHE[(b, s, kv_len - 1, *rest)] = meta
+    earlier = _v4_attention_step(torch.Generator().manual_seed(1), 200, 2, 4)
+    try:
+        with registry.use_backend("ascend"), pytest.raises(VendorContractError) as e:
+            ops.window_sparse_attn(*earlier)
+        assert e.value.arg == "metadata"
+    finally:
+        attention._METADATA_CACHE.clear()
+
+
+ATTN_KW = dict(softmax_scale=512 ** -0.5, cmp_ratio=1, layout_q="TND", layout_kv="PA_ND", ori_win_left=127)
+
+
+def _attn_call(**over):
+    """A valid window-only npu_sparse_attn_sharedkv call (spec), with `over` replacing arguments."""
+    meta_kw = dict(num_heads_q=64, num_heads_kv=1, head_dim=512, cu_seqlens_q=torch.tensor([0, 2], dtype=torch.int32),
+                   seqused_kv=torch.tensor([40], dtype=torch.int32), batch_size=1, max_seqlen_q=2, max_seqlen_kv=40,
+                   cmp_ratio=1, ori_win_left=127, layout_q="TND", layout_kv="PA_ND", has_cmp_kv=False)
+    kw = dict(ori_kv=torch.randn(1, 64, 1, 512).to(BF16), ori_block_table=torch.zeros(1, 1, dtype=torch.int32),
+              cu_seqlens_q=meta_kw["cu_seqlens_q"], seqused_kv=meta_kw["seqused_kv"], sinks=torch.zeros(64), **ATTN_KW)
+    q = over.pop("q", torch.randn(2, 64, 512).to(BF16))
+    meta_kw.update(over.pop("meta", {}))
+    kw.update(over)
+    with use_soc(over.pop("soc", "A3") if "soc" in over else "A3"):
+        kw["metadata"] = spec["_C_ascend.npu_sparse_attn_sharedkv_metadata"](**meta_kw)
+        return spec["_C_ascend.npu_sparse_attn_sharedkv"](q, **kw)
+
+
+@pytest.mark.parametrize("over, arg", [
+    ({}, None),
+    ({"q": torch.randn(2, 32, 512).to(BF16)}, "q"),                          # N1 64 only
+    ({"q": torch.randn(2, 64, 128).to(BF16)}, "q"),                          # head dim 512 only
+    ({"ori_win_left": 128}, "ori_win_left"),                                 # the window is 127 + 1
+    ({"layout_kv": "BSND"}, "layout_kv"),
+    ({"ori_block_table": torch.zeros(1, 1, dtype=torch.int64)}, "ori_block_table"),
+    ({"meta": {"seqused_kv": torch.tensor([41], dtype=torch.int32)}}, "metadata"),   # stale metadata
+    ({"cmp_ratio": 4}, "cmp_ratio"),                                          # a ratio without cmp_kv
+    ({"sinks": torch.zeros(64).to(BF16)}, "sinks"),
+], ids=["valid", "heads", "head_dim", "win_left", "layout_kv", "table_dtype", "stale_metadata", "ratio", "sinks"])
+def test_sparse_attention_contract(over, arg):
+    if arg is None:
+        out, lse = _attn_call(**over)
+        assert out.shape == (2, 64, 512) and lse.numel() == 0
+        return
+    with pytest.raises(VendorContractError) as e:
+        _attn_call(**over)
+    assert e.value.arg == arg, str(e.value)
+
+
+def test_sparse_attention_is_not_an_op_of_the_950():
+    with use_soc("950"), pytest.raises(VendorContractError, match="<soc>"):
+        spec["_C_ascend.npu_sparse_attn_sharedkv"](torch.randn(2, 64, 512).to(BF16))

@@ -11,7 +11,7 @@ op-plugin's torch_npu API docs (docs/zh/custom_APIs/torch_npu/*.md) and kernel g
 On CPU the tests install it as a stand-in `torch_npu` (standin.py) and run the Ascend providers through it; on an
 NPU host `vendor_check.py` runs the real ops against it ("vendor op vs spec" section of the conformance report).
 """
-from . import gemm, indexer, mhc, moe, norm_rope  # noqa: F401  (registers the spec ops)
+from . import attention, gemm, indexer, mhc, moe, norm_rope  # noqa: F401  (registers the spec ops)
 from .contract import SPEC_OPS, SpecNotModelledError, VendorContractError, use_soc  # noqa: F401
 
 # Where the spec deliberately computes differently from our reference (and why); the conformance tolerance of

@@ -40,6 +40,9 @@ class VendorCase:
     chips: tuple[str, ...] = ("A2", "A3", "950")
     namespaces: tuple[str, ...] | None = None  # default: every namespace the spec op lives in
     post: Callable[[list], list] | None = None  # outputs -> the tensors to compare (e.g. int8 as float)
+    # the op needs a metadata tensor from its own build: make() then returns (args, kwargs, metadata kwargs) and
+    # the metadata op of the same namespace (real or spec) fills kwargs["metadata"]
+    metadata_op: str | None = None
 
 
 def _r(g, *shape, dtype=torch.float32, scale=1.0):
@@ -172,6 +175,8 @@ def _to(obj, dev):
         return obj.to(dev)
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to(o, dev) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, dev) for k, v in obj.items()}
     return obj
 
 
@@ -210,9 +215,10 @@ def _compare(rec: CaseRecord, case: VendorCase, got: list, expect: list) -> None
 
 
 def vendor_spec_records(progress: Callable[[str], None] = print, module=None, overrides: dict | None = None,
-                        device: str | None = None) -> list[CaseRecord]:
+                        device: str | None = None, only: set[str] | None = None) -> list[CaseRecord]:
     """Run every vendor op against its spec. module: the torch_npu to test (default: the imported one); overrides:
-    {"namespace.name": callable} replacing ops (tests); device: where the vendor op runs ("npu" on a real host)."""
+    {"namespace.name": callable} replacing ops (tests); device: where the vendor op runs ("npu" on a real host);
+    only: spec op names to check (default: all, and a skip record for each resolved op no case covers)."""
     module = module or sys.modules.get("torch_npu")
     _load_extensions()
     soc_id = int(module.npu.get_soc_version())
@@ -223,13 +229,13 @@ def vendor_spec_records(progress: Callable[[str], None] = print, module=None, ov
     records, covered = [], set()
     with use_soc(soc) if active_soc() is None else _nullcontext():
         for case in _cases():
-            if soc not in case.chips:
+            if soc not in case.chips or (only is not None and case.op not in only):
                 continue
             spec_namespaces = next((op.namespaces for op in SPEC_OPS.values() if op.name == case.op), ())
             found = False
             for ns in case.namespaces or spec_namespaces:
                 key = f"{ns}.{case.op}"
-                covered.add(key)
+                covered.update({key} | ({f"{ns}.{case.metadata_op}"} if case.metadata_op else set()))
                 real = (overrides or {}).get(key) or _real_op(module, ns, case.op)
                 if real is None:
                     continue
@@ -241,19 +247,30 @@ def vendor_spec_records(progress: Callable[[str], None] = print, module=None, ov
                                  + ", ".join(case.namespaces or spec_namespaces))
                 records.append(rec)
                 progress(f"vendor op vs spec {case.case_id:40s} skip  {rec.message[:120]}")
-        records += _uncovered(covered, where, vers)
+        if only is None:
+            records += _uncovered(covered, where, vers)
     return records
 
 
 def _run(case, key, real, spec_op, ns, dev, where, vers, progress) -> CaseRecord:
     t0 = time.perf_counter()
-    args, kwargs = case.make(torch.Generator().manual_seed(7))
+    made = case.make(torch.Generator().manual_seed(7))
+    args, kwargs = made[0], dict(made[1])
+    if case.metadata_op:
+        kwargs["__metadata__"] = made[2]
     rec = CaseRecord("vendor_spec", key, f"vendor_spec/{case.case_id}/{ns}", 7, key, {}, where, vers, {}, {},
                      tolerance={} if case.tol is None else {**(case.tol[0] if isinstance(case.tol, tuple)
                                                                else case.tol).__dict__})
     try:
+        real_kwargs = _to(kwargs, dev)
+        if case.metadata_op:
+            meta_kwargs = kwargs.pop("__metadata__")
+            real_kwargs.pop("__metadata__")
+            kwargs["metadata"] = _spec_op(case.metadata_op, ns).invoke(ns, (), meta_kwargs)
+            real_kwargs["metadata"] = _real_op(sys.modules.get("torch_npu"), ns, case.metadata_op)(
+                **{**_to(meta_kwargs, dev), "device": dev})
         expect = _outputs(spec_op.invoke(ns, args, kwargs))
-        got = [o.cpu() for o in _outputs(real(*_to(args, dev), **_to(kwargs, dev)))]
+        got = [o.cpu() for o in _outputs(real(*_to(args, dev), **real_kwargs))]
         _compare(rec, case, got, expect)
     except Exception as e:   # noqa: BLE001  (a signature or layout the real op rejects is itself a finding)
         rec.status, rec.message = "error", f"{type(e).__name__}: {e}"

@@ -283,7 +283,7 @@ def _compressor_args(g, dt, ratio, rotate, b=2, dim=64):
     return wkv, wgate, ape, norm_w, cos[0], sin[0], kv_state, score_state
 
 
-def _compressor_steps(splits, ratio, rotate):
+def _compressor_steps(splits, ratio, rotate, quant=True):
     """run(): feed x in chunks (prefill, then decode steps / chunked prefill); return all entries and the state."""
     def run(call, args):
         x, wkv, wgate, ape, norm_w, cos, sin, kv_state, score_state = args
@@ -291,7 +291,7 @@ def _compressor_steps(splits, ratio, rotate):
         entries, pos = [], 0
         for n in splits:
             entries.append(call(x[:, pos:pos + n], wkv, wgate, ape, norm_w, cos, sin, kv_state, score_state, pos,
-                                ratio, rotate, True))
+                                ratio, rotate, quant))
             pos += n
         return torch.cat(entries, dim=1), kv_state, score_state
     return run
@@ -328,6 +328,26 @@ def compressor_cases() -> list[Case]:
                 cases.append(Case("compressor", f"compressor/{kind}/{label}", 52, BF16, make,
                                   run=_compressor_steps(splits, ratio, rotate), k=64, fp64_reference=False,
                                   check_reference=_equals_one_prefill(ratio, rotate), large=ratio == 128))
+    # The widths the fused Ascend compressor takes (hidden 1024, 64 rope dims; C4A d 512, C4Li d 128, C128A d 512)
+    # with bf16 projection weights: prefill-then-decode across a boundary and a chunked prefill. QAT off: these
+    # compare the fused kernel's pooling, norm and RoPE; a one-ulp bf16 difference before the FP8/FP4 round trip
+    # moves about 1% of elements by a whole step, and the round trips are the registry's own ops (cases above).
+    for ratio, d, rotate, splits, large in ((4, 512, False, [7, 1, 1, 3], False), (4, 128, True, [5, 3, 4], False),
+                                            (128, 512, False, [126, 1, 1, 2], True)):
+        kind = {(4, False): "c4a", (4, True): "c4li", (128, False): "c128a"}[(ratio, rotate)]
+
+        def make(g, ratio=ratio, d=d, rotate=rotate, n=sum(splits)):
+            coff, dim = (2 if ratio == 4 else 1), 1024
+            wkv, wgate = (_randn(g, coff * d, dim, scale=dim ** -0.5, dtype=BF16) for _ in range(2))
+            ape = _randn(g, ratio, coff * d, scale=0.1)
+            norm_w = (1 + 0.1 * torch.randn(d, generator=g)).to(BF16)
+            cos, sin = _cos_sin(1, 512, 32)
+            state = (torch.zeros(2, coff * ratio, coff * d), torch.full((2, coff * ratio, coff * d), float("-inf")))
+            return (_randn(g, 2, n, dim, dtype=BF16), wkv, wgate, ape, norm_w, cos[0], sin[0], *state)
+        cases.append(Case("compressor", f"compressor/ascend_{kind}/no_qat_steps_{'_'.join(map(str, splits))}", 53, BF16,
+                          make,
+                          run=_compressor_steps(splits, ratio, rotate, quant=False), k=1024, fp64_reference=False,
+                          large=large))
     return cases
 
 

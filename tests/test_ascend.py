@@ -103,6 +103,7 @@ def test_providers_pass_the_op_conformance_cases(standin):
     assert want <= passed, want - passed
     assert ("hc_post" in passed) == (soc != 260)             # vllm-ascend's kernels are off on the 950
     assert ("window_sparse_attn" in passed) == (soc != 260)  # npu_sparse_attn_sharedkv: A2/A3
+    assert ("compressor" in passed) == (soc != 223)          # the fused compressor: A3/950
     assert ("fp8_linear" in passed) == (soc == 260)                        # FP8 arithmetic only on 950
     assert ("int8_linear" in passed) == (soc != 260)                       # int8 W8A8 on A2/A3
     for r in records:                                      # every decline says why
@@ -513,3 +514,72 @@ def test_sparse_attention_contract(over, arg):
 def test_sparse_attention_is_not_an_op_of_the_950():
     with use_soc("950"), pytest.raises(VendorContractError, match="<soc>"):
         spec["_C_ascend.npu_sparse_attn_sharedkv"](torch.randn(2, 64, 512).to(BF16))
+
+
+# ----------------------------------------------------------------------------------------------- compressor
+def test_our_compressor_state_survives_the_vendor_layout_round_trip():
+    """to_vendor_state / from_vendor_state are inverse on every row the reference's state can hold (the open
+    windows), for both ratios and positions inside, at and after a window boundary."""
+    from dsv4_portable.backends.ascend.compressor import from_vendor_state, to_vendor_state
+    g = torch.Generator().manual_seed(5)
+    for ratio, d, pos in ((4, 8, 3), (4, 8, 8), (4, 8, 10), (128, 4, 127), (128, 4, 300)):
+        coff = 2 if ratio == 4 else 1
+        x = torch.randn(1, pos, 32, generator=g)
+        w = (torch.randn(coff * d, 32, generator=g), torch.randn(coff * d, 32, generator=g))
+        kv = torch.zeros(1, coff * ratio, coff * d)
+        sc = torch.full_like(kv, float("-inf"))
+        cos, sin = torch.ones(512, 2), torch.zeros(512, 2)
+        ref.compressor(x, *w, torch.zeros(ratio, coff * d), torch.ones(d), cos, sin, kv, sc, 0, ratio, False, False)
+        state, table = to_vendor_state(kv, sc, pos, 0, ratio)
+        kv2, sc2 = torch.full_like(kv, 9.0), torch.full_like(sc, 9.0)
+        from_vendor_state(state, table, kv2, sc2, pos, ratio)
+        assert torch.equal(kv2, kv) and torch.equal(sc2, sc), (ratio, pos)
+
+
+COMP = dict(h=1024, d=512, coff=2, ratio=4)
+
+
+def _comp_call(soc="A3", **over):
+    """A valid C4A `compressor` call (spec), with `over` replacing arguments."""
+    h, d, coff, r = COMP["h"], COMP["d"], COMP["coff"], COMP["ratio"]
+    a = dict(x=torch.randn(1, 5, h).to(BF16), wkv=torch.randn(coff * d, h).to(BF16),
+             wgate=torch.randn(coff * d, h).to(BF16), state_cache=torch.zeros(2, 16, 2 * coff * d),
+             ape=torch.zeros(r, coff * d), norm_weight=torch.ones(d, dtype=torch.float32 if soc == "950" else BF16),
+             rope_sin=torch.zeros(1, 2, 64).to(BF16), rope_cos=torch.ones(1, 2, 64).to(BF16),
+             state_block_table=torch.ones(1, 1, dtype=torch.int32), cu_seqlens=None, seqused=None,
+             start_pos=torch.zeros(1, dtype=torch.int32), rope_head_dim=64, cmp_ratio=r, coff=coff, norm_eps=1e-6,
+             rotary_mode=2, cache_mode=1)
+    a.update(over)
+    with use_soc(soc):
+        return spec["_C_ascend.compressor"](**a)
+
+
+@pytest.mark.parametrize("soc, over, arg", [
+    ("A3", {}, None),
+    ("950", {}, None),
+    ("A2", {}, "<soc>"),                                                     # README: A2 not supported
+    ("A3", {"x": torch.randn(1, 5, 256).to(BF16)}, "x"),                     # H in [1024, 10240], 512-aligned
+    ("A3", {"cache_mode": 2}, "cache_mode"),
+    ("A3", {"state_cache": torch.zeros(2, 16, 2048, dtype=BF16)}, "state_cache"),
+    ("A3", {"state_block_table": torch.zeros(1, 1, dtype=torch.int32), "start_pos": torch.full((1,), 2,
+            dtype=torch.int32)}, "state_block_table"),                       # earlier rows of the window unmapped
+    ("950", {"norm_weight": torch.ones(512).to(BF16)}, "norm_weight"),       # the 950 build takes an fp32 norm
+    ("A3", {"rope_sin": torch.zeros(1, 5, 64).to(BF16)}, "rope_sin"),        # one table row per output entry
+], ids=["valid_a3", "valid_950", "a2", "hidden", "cache_mode", "state_dtype", "table_zero", "norm_950", "tables"])
+def test_compressor_contract(soc, over, arg):
+    if arg is None:
+        assert _comp_call(soc, **over).shape == (1, 2, 512)
+        return
+    with pytest.raises(VendorContractError) as e:
+        _comp_call(soc, **over)
+    assert e.value.arg == arg, str(e.value)
+
+
+def test_prepare_weights_casts_compressor_projections_only_when_exact():
+    from dsv4_portable.backends.ascend.weights import prepare_weights
+    exact = torch.randn(8, 16).to(BF16).float()
+    params = {"layers.1.attn.compressor.wkv.weight": exact,
+              "layers.1.attn.indexer.compressor.wgate.weight": torch.randn(8, 16) / 3}
+    out = prepare_weights(params, "A3")
+    assert out["layers.1.attn.compressor.wkv.weight"].dtype == BF16
+    assert out["layers.1.attn.indexer.compressor.wgate.weight"] is params["layers.1.attn.indexer.compressor.wgate.weight"]

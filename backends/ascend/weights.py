@@ -40,12 +40,23 @@ def _fp32_scale(weight):
     return type(weight)(weight.w, weight.scale.float(), weight.fmt, weight.scale_fmt)
 
 
+def _bf16_if_exact(t: torch.Tensor) -> torch.Tensor:
+    """t in bf16 when that loses nothing (checkpoints store the compressor projections in bf16; the loader
+    widens them to fp32), else t unchanged: the fused compressor takes bf16/fp16 weights only."""
+    if t.dtype != torch.float32:
+        return t
+    b = t.to(torch.bfloat16)
+    return b if torch.equal(b.float(), t) else t
+
+
 def prepare_weights(params: dict, chip_name: str | None = None) -> dict:
     """The parameter dict with each weight in the layout the Ascend ops read, made once at load.
 
     - MoE router weights (`*.ffn.gate.weight`) -> fp32: the router logits are an fp32 product, so the
       provider's upcast becomes a no-op instead of a copy of the gate weight per call.
     - quantised dense weights: fp32 scales.
+    - compressor projections (`*.compressor.wkv.weight`, `*.compressor.wgate.weight`) -> bf16 when exact, the
+      dtype the fused compressor takes (half the memory; the reference path upcasts them per call either way).
     Everything else is kept as is (dense bf16 weights, expert stacks: the ops read transposed views).
     The returned dict holds the replacements; the caller drops the old dict, so originals are freed."""
     chip_name = chip_name or chip()
@@ -53,6 +64,8 @@ def prepare_weights(params: dict, chip_name: str | None = None) -> dict:
     for name, value in params.items():
         if name.endswith(".ffn.gate.weight") and isinstance(value, torch.Tensor) and value.is_floating_point():
             value = value.float()
+        elif name.endswith((".compressor.wkv.weight", ".compressor.wgate.weight")) and isinstance(value, torch.Tensor):
+            value = _bf16_if_exact(value)
         elif hasattr(value, "fmt") and hasattr(value, "scale"):
             value = _fp32_scale(value)
         out[name] = value

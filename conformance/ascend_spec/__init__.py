@@ -11,7 +11,7 @@ op-plugin's torch_npu API docs (docs/zh/custom_APIs/torch_npu/*.md) and kernel g
 On CPU the tests install it as a stand-in `torch_npu` (standin.py) and run the Ascend providers through it; on an
 NPU host `vendor_check.py` runs the real ops against it ("vendor op vs spec" section of the conformance report).
 """
-from . import attention, gemm, indexer, mhc, moe, norm_rope  # noqa: F401  (registers the spec ops)
+from . import attention, compressor, gemm, indexer, mhc, moe, norm_rope  # noqa: F401  (registers the spec ops)
 from .contract import SPEC_OPS, SpecNotModelledError, VendorContractError, use_soc  # noqa: F401
 
 # Where the spec deliberately computes differently from our reference (and why); the conformance tolerance of
@@ -33,6 +33,13 @@ DELIBERATE_DIFFERENCES = {
                         "different recipe from DeepSeek's FP8 blocks and is compared by similarity only.",
     "npu_lightning_indexer": "top-k ties are unspecified; compared as sets. On the 950 the op takes no fp32 head "
                              "weights: the provider casts the reference's fp32 weights to the query dtype (bf16).",
+    "compressor": "projections as bf16 x bf16 products with fp32 accumulation (the reference: fp32 linears on the "
+                  "same bf16-valued weights, equal up to order); RoPE tables in x's dtype (README: fp16 / bf16) "
+                  "where the reference keeps fp32 tables; pooling result not rounded to bf16 before RMSNorm. The "
+                  "QAT round trip runs after the op (registry ops), so a one-ulp difference before it can move an "
+                  "element by a whole FP8/FP4 step: the Ascend compressor cases compare with QAT off.",
+    "npu_sparse_attn_sharedkv": "softmax over window + compressed keys in the kernel's block order and precision; "
+                                "the reference's online softmax uses fixed 64-entry blocks in fp32.",
     "linear / grouped_linear (plain device matmul)": "bf16 products, fp32 accumulation in the device's order and "
                                                      "tiling: not batch-invariant by construction, unlike the "
                                                      "reference's fixed 16-row tiles.",
@@ -53,4 +60,15 @@ ASSUMPTIONS = {
                                     "(sum + eps) like sigmoid; torch_npu's op documents 0/1 and the spec rejects 2 "
                                     "there.",
     "npu_lightning_indexer -1 padding": "rows with fewer visible keys than sparse_count are padded with -1.",
+    "npu_sparse_attn_sharedkv semantics": "cmp_mask_mode 3 lets the query at position p see compressed entry c iff "
+                                          "c < (p + 1) // cmp_ratio, with p = seqused_kv - q_len + i; a batch's "
+                                          "compressed store holds seqused_kv // cmp_ratio entries; -1 entries of "
+                                          "cmp_sparse_indices are padding; the sink is an unscaled logit with a "
+                                          "zero value row (DeepSeek V4's definition).",
+    "compressor state layout": "one fp32 row per absolute position through the block table, [kv | score + ape], "
+                               "block-table entry 0 = no update; rope tables row j = entry j's position, "
+                               "interleave tables at the full rotary width (pairs duplicated) like "
+                               "npu_rotary_mul's; the signature of custom.compressor equals _C_ascend's.",
+    "npu_hc_pre / npu_moe_gating_top_k (custom)": "CANN recipes' custom_ops builds take the same arguments and "
+                                                  "compute the same as the vllm-ascend builds of the same kernels.",
 }

@@ -43,6 +43,8 @@ class VendorCase:
     # the op needs a metadata tensor from its own build: make() then returns (args, kwargs, metadata kwargs) and
     # the metadata op of the same namespace (real or spec) fills kwargs["metadata"]
     metadata_op: str | None = None
+    # a stateful case: run(op, args, kwargs) calls the op (real or spec) several times and returns what to compare
+    run: Callable | None = None
 
 
 def _r(g, *shape, dtype=torch.float32, scale=1.0):
@@ -269,8 +271,12 @@ def _run(case, key, real, spec_op, ns, dev, where, vers, progress) -> CaseRecord
             kwargs["metadata"] = _spec_op(case.metadata_op, ns).invoke(ns, (), meta_kwargs)
             real_kwargs["metadata"] = _real_op(sys.modules.get("torch_npu"), ns, case.metadata_op)(
                 **{**_to(meta_kwargs, dev), "device": dev})
-        expect = _outputs(spec_op.invoke(ns, args, kwargs))
-        got = [o.cpu() for o in _outputs(real(*_to(args, dev), **real_kwargs))]
+        if case.run is not None:
+            expect = _outputs(case.run(lambda *a, **k: spec_op.invoke(ns, a, k), args, kwargs))
+            got = [o.cpu() for o in _outputs(case.run(real, _to(args, dev), real_kwargs))]
+        else:
+            expect = _outputs(spec_op.invoke(ns, args, kwargs))
+            got = [o.cpu() for o in _outputs(real(*_to(args, dev), **real_kwargs))]
         _compare(rec, case, got, expect)
     except Exception as e:   # noqa: BLE001  (a signature or layout the real op rejects is itself a finding)
         rec.status, rec.message = "error", f"{type(e).__name__}: {e}"

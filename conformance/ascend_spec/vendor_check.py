@@ -231,13 +231,14 @@ def vendor_spec_records(progress: Callable[[str], None] = print, module=None, ov
     records, covered = [], set()
     with use_soc(soc) if active_soc() is None else _nullcontext():
         for case in _cases():
+            spec_namespaces = next((op.namespaces for op in SPEC_OPS.values() if op.name == case.op), ())
+            for ns in case.namespaces or spec_namespaces:       # a case for another chip still covers the op
+                covered.update({f"{ns}.{case.op}"} | ({f"{ns}.{case.metadata_op}"} if case.metadata_op else set()))
             if soc not in case.chips or (only is not None and case.op not in only):
                 continue
-            spec_namespaces = next((op.namespaces for op in SPEC_OPS.values() if op.name == case.op), ())
             found = False
             for ns in case.namespaces or spec_namespaces:
                 key = f"{ns}.{case.op}"
-                covered.update({key} | ({f"{ns}.{case.metadata_op}"} if case.metadata_op else set()))
                 real = (overrides or {}).get(key) or _real_op(module, ns, case.op)
                 if real is None:
                     continue

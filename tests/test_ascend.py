@@ -125,7 +125,7 @@ def test_tiny_model_through_the_ascend_providers_matches_reference(standin):
         assert set(counts[op]) == {"cann"}, (op, counts[op])
     # the tiny indexer has 4 heads: A2/A3 take N1 <= 64, the 950 only 8/16/24/32/64
     assert ("cann" in counts["indexer_topk"]) == (soc != 260)
-    assert set(counts["moe_experts"]) == ({"reference"} if soc == 260 else {"cann"})
+    assert set(counts["moe_experts"]) == {"cann"}           # bf16 experts (A2/A3), FP4 via the MX GEMM (950)
     assert set(counts.get("fp8_linear", {"cann": 1})) == {"cann"}
     if soc != 260:      # every bf16 linear on the device's matmul; the fp32 lm_head (one per forward) on the reference
         assert counts["linear"].get("reference", 0) == 4 and counts["linear"]["cann"] > 4, counts["linear"]
@@ -583,3 +583,38 @@ def test_prepare_weights_casts_compressor_projections_only_when_exact():
     out = prepare_weights(params, "A3")
     assert out["layers.1.attn.compressor.wkv.weight"].dtype == BF16
     assert out["layers.1.attn.indexer.compressor.wgate.weight"] is params["layers.1.attn.indexer.compressor.wgate.weight"]
+
+
+# ----------------------------------------------------------------------------------------------- 950 MX experts
+@pytest.mark.parametrize("standin", ["950"], indirect=True)
+def test_fp4_experts_on_the_950_equal_the_reference_through_the_mx_gemm(standin):
+    """DeepSeek's FP8 activation blocks expressed as MX scales: the W4A8 MX grouped GEMM reproduces fp4 experts."""
+    case = next(c for c in all_cases(small=True) if c.case_id == "moe_experts/fp4/bfloat16")
+    rec = run_case(case, "cann", registry.get_backend("ascend"), "cpu", {})
+    assert rec.status == "pass" and rec.max_abs == 0.0, (rec.status, rec.message, rec.max_abs)
+    from dsv4_portable.backends.ascend.weights import prepare_weights
+    x, idx, w, experts, shared, limit = case.args()
+    prepared = prepare_weights({"layers.0.ffn.experts": experts})["layers.0.ffn.experts"]
+    assert prepared.s1.dtype == torch.float8_e8m0fnu and torch.equal(prepared.s1.float(), experts.s1)
+    with registry.use_backend("ascend"):
+        torch.testing.assert_close(ops.moe_experts(x, idx, w, prepared, shared, limit),
+                                   ref.moe_experts(x, idx, w, experts, shared, limit), rtol=0, atol=0)
+
+
+def test_mx_grouped_matmul_contract():
+    from dsv4_portable.conformance.ascend_spec.vendor_check import _cases
+    make = next(c for c in _cases() if c.case_id == "grouped_matmul/w4a8_mx").make
+    gmm = spec["torch_npu.npu_grouped_matmul"]
+    args, kw = make(torch.Generator().manual_seed(0))
+    with use_soc("950"):
+        assert gmm(*args, **kw)[0].shape == (12, 128)
+        for bad, arg in (({"weight_dtype": 293}, "weight_dtype"),
+                         ({"per_token_scale": [kw["per_token_scale"][0][:, :1]]}, "per_token_scale")):
+            with pytest.raises(VendorContractError) as e:
+                gmm(*args, **{**kw, **bad})
+            assert e.value.arg == arg
+        with pytest.raises(VendorContractError) as e:                 # packed along N instead of K
+            gmm(args[0], [args[1][0].contiguous()], **kw)
+        assert e.value.arg == "weight[0]"
+    with use_soc("A3"), pytest.raises(VendorContractError, match="<soc>"):
+        gmm(*args, **kw)

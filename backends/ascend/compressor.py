@@ -116,7 +116,6 @@ def compressor_cann(x, wkv, wgate, ape, norm_weight, cos, sin, kv_state, score_s
                     rotate=False, quant=True, eps=1e-6):
     b, s, _ = x.shape
     coff = 2 if ratio == 4 else 1
-    d = norm_weight.shape[0]
     state, table = to_vendor_state(kv_state, score_state, start_pos, s, ratio)
     n_out = -(-s // ratio)
     w0 = start_pos // ratio

@@ -9,12 +9,16 @@ the documented fused SwiGLU ops either quantise their output or use a different 
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
-from dsv4_portable.reference.quant import linear_f32
+from dsv4_portable import ops
+from dsv4_portable.reference.quant import FP8_LINEAR_BLOCK, float_to_e8m0, linear_f32
 from dsv4_portable.registry import register
 
+from . import chip as chip_mod
 from . import vendor_ops
 from .common import availability, device_reasons
 
@@ -83,13 +87,37 @@ def _kn(w: torch.Tensor) -> torch.Tensor:
     return w.transpose(-1, -2)
 
 
+def _mx_reasons(name, ew) -> list[str]:
+    """Why FP4 experts cannot run the 950's W4A8 MX grouped GEMM (empty when they can)."""
+    if chip_mod.chip() != "950":
+        return [f"{name} are fp4; MXFP4 arithmetic exists only on the 950 (A2/A3 dequantise at load)"]
+    out = []
+    if ew.scale_fmt != "ue8m0":
+        out.append(f"{name} quantise activations with scale_fmt {ew.scale_fmt!r}; MX scales are e8m0 (ue8m0 only)")
+    for s in (ew.s1, ew.s2, ew.s3):
+        # e8m0 after prepare_weights; fp32 scales (unprepared weights) must be exact powers of two (a host check)
+        if s.dtype not in (torch.float8_e8m0fnu, torch.uint8) and not bool((s.float().view(torch.int32)
+                                                                             & 0x807FFFFF == 0).all()):
+            out.append(f"{name} scales are not all powers of two; the MX GEMM reads e8m0 scales")
+            break
+    if ew.hidden % 128 or ew.inter % 128:
+        out.append(f"{name} dims {ew.hidden}/{ew.inter}; the MX path needs multiples of 128 (activation blocks)")
+    return out
+
+
 def _supports_experts(x, idx, weights, experts, shared=None, swiglu_limit=0.0):
     reasons = device_reasons(x, idx, weights, experts.w1, None if shared is None else shared.w1)
     for name, ew in (("experts", experts), ("shared", shared)):
-        if ew is not None and ew.fmt != "bf16":
-            reasons.append(f"{name} are {ew.fmt}; this provider runs bf16 experts (A2/A3 dequantise at load; the "
-                           "950 MXFP8 x MXFP4 grouped GEMM mapping is not implemented)")
-        elif ew is not None and ew.w1.dtype != x.dtype:
+        if ew is None:
+            continue
+        if ew.fmt == "fp4":
+            reasons += _mx_reasons(name, ew)
+        elif ew.fmt == "fp8" and name == "shared":
+            continue                                  # three fp8_linear calls (the registry op), any chip
+        elif ew.fmt != "bf16":
+            reasons.append(f"{name} are {ew.fmt}; this provider runs bf16 experts, and fp4 ones on the 950 (a "
+                           "grouped GEMM for FP8 128x128 blocks is not mapped)")
+        elif ew.w1.dtype != x.dtype:
             reasons.append(f"{name} weights are {ew.w1.dtype}, activations {x.dtype}: npu_grouped_matmul needs one "
                            "dtype")
     if x.dtype not in (torch.bfloat16, torch.float16):
@@ -106,6 +134,35 @@ def _grouped(x_rows: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> tor
                            group_list_type=1)[0]
 
 
+def _mx_act(x_rows: torch.Tensor):
+    """DeepSeek's activation quantisation (FP8, 1x128 blocks, ue8m0) in the MX GEMM's format: the e8m0 scale of
+    each 128-block repeated for its four 32-blocks, [M, K/64, 2] bytes. The same FP8 values and scales as the
+    reference, so the products equal fp4_linear's (npu_dynamic_mx_quant would use OCP's 1x32 rule instead)."""
+    xq, xs = ops.quant_fp8(x_rows, FP8_LINEAR_BLOCK, "ue8m0")
+    m, k = x_rows.shape
+    s32 = float_to_e8m0(xs).view(torch.uint8).repeat_interleave(FP8_LINEAR_BLOCK // 32, -1)
+    return xq, s32.reshape(m, k // 64, 2)
+
+
+def _mx_grouped(x_rows: torch.Tensor, w: torch.Tensor, s: torch.Tensor, counts: torch.Tensor, cumsum: bool):
+    """W4A8 MX grouped GEMM of rows x_rows [M, K] with FP4 weights w [E, N, K/2] (e8m0 scales s [E, N, K/32]),
+    as vllm-ascend's A5 adaptor calls it: weight as the [E, K/2, N] transposed view, scales as the
+    [E, K/64, N, 2] view (no copies). cumsum: group_list as a cumsum (a one-group list may not be counts)."""
+    e, n, kh = w.shape
+    xq, xs = _mx_act(x_rows)
+    npu = sys.modules["torch_npu"]
+    if s.dtype not in (torch.float8_e8m0fnu, torch.uint8):
+        # unprepared fp32 powers of two (checked in supports): their exponent bytes. prepare_weights stores e8m0
+        # at load, so a loaded model never takes this copy.
+        s = ((s.float().view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
+    scales = s.view(torch.uint8).reshape(e, n, kh // 32, 2).transpose(1, 2)
+    return vendor_ops.call(
+        GMM, [xq], [w.view(torch.uint8).transpose(1, 2)], antiquant_scale=[scales], per_token_scale=[xs],
+        per_token_scale_dtype=torch.float8_e8m0fnu, group_list=counts.cumsum(0) if cumsum else counts, split_item=2,
+        group_type=0, group_list_type=0 if cumsum else 1, x_dtype=torch.float8_e4m3fn,
+        weight_dtype=getattr(npu, "float4_e2m1fn_x2", 296), output_dtype=x_rows.dtype)[0]
+
+
 def _swiglu(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor | None, limit: float, dtype) -> torch.Tensor:
     g, u = g.float(), u.float()
     if limit > 0:
@@ -118,15 +175,35 @@ def _swiglu(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor | None, limit
 
 
 def _shared_rows(x: torch.Tensor, ew, limit: float) -> torch.Tensor:
-    """The shared expert is one dense MLP over every row: plain matmuls on the device (a one-group
-    npu_grouped_matmul would need a group_list of length 1, which group_list_type 1 forbids)."""
+    """The shared expert is one dense MLP over every row: plain matmuls on the device for bf16 (a one-group
+    npu_grouped_matmul would need a group_list of length 1, which group_list_type 1 forbids); FP8 blocks through
+    fp8_linear; FP4 through the MX GEMM with one group given as a cumsum."""
+    if ew.fmt == "fp8":      # V4 checkpoints keep the shared expert in FP8 blocks: the registry's fp8_linear
+        lin = lambda t, w, sc: ops.fp8_linear(t, w[0], sc[0], ew.scale_fmt)   # noqa: E731
+        h = _swiglu(lin(x, ew.w1, ew.s1), lin(x, ew.w3, ew.s3), None, limit, x.dtype)
+        return lin(h, ew.w2, ew.s2)
+    if ew.fmt == "fp4":
+        one = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+        h = _swiglu(_mx_grouped(x, ew.w1, ew.s1, one, True), _mx_grouped(x, ew.w3, ew.s3, one, True), None, limit,
+                    x.dtype)
+        return _mx_grouped(h, ew.w2, ew.s2, one, True)
     g, u = torch.matmul(x, ew.w1[0].t()), torch.matmul(x, ew.w3[0].t())
     return torch.matmul(_swiglu(g, u, None, limit, x.dtype), ew.w2[0].t())
 
 
+def _routed_rows(expanded, ew, counts, slot_weight, limit):
+    """Expanded rows (grouped by expert) through w1/w3, SwiGLU with DeepSeek's clamp and the routing weight, w2."""
+    if ew.fmt == "fp4":
+        g, u = _mx_grouped(expanded, ew.w1, ew.s1, counts, False), _mx_grouped(expanded, ew.w3, ew.s3, counts, False)
+        return _mx_grouped(_swiglu(g, u, slot_weight, limit, expanded.dtype), ew.w2, ew.s2, counts, False)
+    h = _swiglu(_grouped(expanded, ew.w1, counts), _grouped(expanded, ew.w3, counts), slot_weight, limit,
+                expanded.dtype)
+    return _grouped(h, ew.w2, counts)
+
+
 @register("moe_experts", "cann", "npu", available=availability(INIT_ROUTING, GMM), supports=_supports_experts,
-          note="npu_moe_init_routing_v2 + npu_grouped_matmul on transposed weight views; shared expert as dense "
-               "matmuls; ordered combine")
+          note="npu_moe_init_routing_v2 + npu_grouped_matmul on transposed weight views (bf16; on the 950 FP4 "
+               "experts through the W4A8 MX mode); ordered combine")
 def moe_experts_cann(x, idx, weights, experts, shared=None, swiglu_limit=0.0):
     t, k = idx.shape
     # Slots without an expert (-1, EP padding) go to expert 0 with routing weight 0: the weight is applied before
@@ -139,9 +216,7 @@ def moe_experts_cann(x, idx, weights, experts, shared=None, swiglu_limit=0.0):
     row_of_slot = row_of_slot.long()
     slot_weight = torch.empty(t * k, dtype=torch.float32, device=x.device)
     slot_weight[row_of_slot] = weights.reshape(-1).float()          # expanded row r carries its slot's weight
-    h = _swiglu(_grouped(expanded, experts.w1, counts), _grouped(expanded, experts.w3, counts), slot_weight,
-                swiglu_limit, x.dtype)
-    per_slot = _grouped(h, experts.w2, counts)[row_of_slot].view(t, k, -1)    # back to (token, slot) order
+    per_slot = _routed_rows(expanded, experts, counts, slot_weight, swiglu_limit)[row_of_slot].view(t, k, -1)
     acc = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
     if shared is not None:
         acc += _shared_rows(x, shared, swiglu_limit).float()

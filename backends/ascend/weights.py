@@ -15,7 +15,11 @@ npu_grouped_matmul's weight), so the providers pass w.t() / w.transpose(1, 2) vi
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+
+from dsv4_portable.reference.quant import float_to_e8m0
 
 from .chip import chip
 
@@ -49,12 +53,25 @@ def _bf16_if_exact(t: torch.Tensor) -> torch.Tensor:
     return b if torch.equal(b.float(), t) else t
 
 
+def _e8m0_scales(experts):
+    """FP4 expert stacks with fp32 power-of-two scales -> e8m0 scales (exact, a quarter of the bytes): the 950's
+    MX grouped GEMM reads e8m0. Kept as is when a scale is not a power of two (Base checkpoints' float scales)."""
+    if getattr(experts, "fmt", None) != "fp4" or experts.s1.dtype == torch.float8_e8m0fnu:
+        return experts
+    try:
+        scales = {k: float_to_e8m0(getattr(experts, k)) for k in ("s1", "s2", "s3")}
+    except ValueError:
+        return experts
+    return dataclasses.replace(experts, **scales)
+
+
 def prepare_weights(params: dict, chip_name: str | None = None) -> dict:
     """The parameter dict with each weight in the layout the Ascend ops read, made once at load.
 
     - MoE router weights (`*.ffn.gate.weight`) -> fp32: the router logits are an fp32 product, so the
       provider's upcast becomes a no-op instead of a copy of the gate weight per call.
     - quantised dense weights: fp32 scales.
+    - FP4 expert stacks: e8m0 scales (from the loader's fp32 powers of two), what the 950's MX GEMM reads.
     - compressor projections (`*.compressor.wkv.weight`, `*.compressor.wgate.weight`) -> bf16 when exact, the
       dtype the fused compressor takes (half the memory; the reference path upcasts them per call either way).
     Everything else is kept as is (dense bf16 weights, expert stacks: the ops read transposed views).
@@ -66,6 +83,8 @@ def prepare_weights(params: dict, chip_name: str | None = None) -> dict:
             value = value.float()
         elif name.endswith((".compressor.wkv.weight", ".compressor.wgate.weight")) and isinstance(value, torch.Tensor):
             value = _bf16_if_exact(value)
+        elif hasattr(value, "s1"):
+            value = _e8m0_scales(value)
         elif hasattr(value, "fmt") and hasattr(value, "scale"):
             value = _fp32_scale(value)
         out[name] = value

@@ -69,6 +69,12 @@ ASSUMPTIONS = {
                                "block-table entry 0 = no update; rope tables row j = entry j's position, "
                                "interleave tables at the full rotary width (pairs duplicated) like "
                                "npu_rotary_mul's; the signature of custom.compressor equals _C_ascend's.",
+    "npu_grouped_matmul W4A8 MX (950)": "FP4 weights as the [E, K/2, N] transposed view of the checkpoint's "
+                                        "[E, N, K/2] bytes (low nibble first) in ND format (vllm-ascend first casts "
+                                        "them to FRACTAL_NZ with customize_dtype/input_dtype; whether ND is taken "
+                                        "is unverified), e8m0 scales [E, K/64, N, 2] and [M, K/64, 2] as uint8; the "
+                                        "activation scales are DeepSeek's 1x128 ue8m0 scales repeated per 32-block, "
+                                        "so no OCP MX rounding is involved.",
     "npu_hc_pre / npu_moe_gating_top_k (custom)": "CANN recipes' custom_ops builds take the same arguments and "
                                                   "compute the same as the vllm-ascend builds of the same kernels.",
 }

@@ -100,11 +100,12 @@ def npu_quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=No
 
 
 @spec_op("npu_format_cast", ("torch_npu", "npu"), SRC_CAST)
-def npu_format_cast(input, acl_format, customize_dtype=None):
+def npu_format_cast(input, acl_format, customize_dtype=None, input_dtype=None):
     """The same values in another internal layout (2 ND, 29 FRACTAL_NZ); the spec keeps the data as is (a CPU
-    tensor has no internal format). customize_dtype (C0 control, A2/A3 with CANN >= 9.1) is not modelled."""
+    tensor has no internal format). customize_dtype / input_dtype (C0 control; vllm-ascend's MXFP4 weights pass
+    customize_dtype float8_e4m3fn, input_dtype float4_e2m1fn_x2) are not modelled."""
     check_tensor("npu_format_cast", "input", input, SRC_CAST)
     check_in("npu_format_cast", "acl_format", acl_format, (2, 29), SRC_CAST, "2 (ND) or 29 (FRACTAL_NZ)")
-    if customize_dtype is not None:
-        raise SpecNotModelledError("npu_format_cast", "customize_dtype")
+    if customize_dtype is not None or input_dtype is not None:
+        raise SpecNotModelledError("npu_format_cast", "customize_dtype / input_dtype")
     return input

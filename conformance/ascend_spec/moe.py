@@ -17,6 +17,11 @@ SRC_GATE_HASH = ("vllm-ascend csrc/torch_binding.cpp moe_gating_top_k_hash + csr
                  "group_count 1); cann-recipes custom_ops npu_moe_gating_top_k (same kernel and arguments)")
 SRC_INIT = "op-plugin docs/zh/custom_APIs/torch_npu/torch_npu-npu_moe_init_routing_v2.md"
 SRC_GMM = "op-plugin docs/zh/custom_APIs/torch_npu/torch_npu-npu_grouped_matmul.md"
+SRC_GMM_MX = ("vllm-ascend device/device_op.py A5DeviceAdaptor (W4A8 MXFP: x_dtype float8_e4m3fn, weight_dtype "
+              "float4_e2m1fn_x2, per_token_scale_dtype float8_e8m0fnu, split_item 2, group_type 0), "
+              "quantization/methods/w4a8_mxfp4.py (weights transposed to [E, K/2, N], scales (E, N, K/64, 2) "
+              "transposed to [E, K/64, N, 2]); torch_npu npu_dynamic_mx_quant scale layout [.., K/64, 2]")
+FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 SCORE = {0: lambda x: torch.softmax(x, -1), 1: torch.sigmoid, 2: lambda x: F.softplus(x).sqrt()}
 
 
@@ -181,6 +186,10 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
     check_in(op, "group_list_type", group_list_type, (0, 1), SRC_GMM, "0 cumsum, 1 per-group counts (2 int8 only)")
     check_in(op, "act_type", act_type, (0,), SRC_GMM, "0 (no fused activation; the spec models no other)")
     xs, w = x[0], weight[0]
+    if isinstance(xs, torch.Tensor) and xs.dtype == torch.float8_e4m3fn:
+        return [_mx_grouped_matmul(op, xs, w, group_list, group_list_type, antiquant_scale, per_token_scale,
+                                   scale, bias, offset, antiquant_offset, output_dtype, x_dtype, weight_dtype,
+                                   per_token_scale_dtype)]
     quant = xs.dtype == torch.int8
     check_tensor(op, "x[0]", xs, SRC_GMM, dtypes=(torch.bfloat16, torch.float16, torch.int8), ndim=2)
     check_contiguous(op, "x[0]", xs, SRC_GMM)                                  # "x不支持转置"
@@ -230,3 +239,65 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
             y[rows] = (xs[rows].float() @ w[g].float()).to(y.dtype)
         start += c
     return [y]
+
+
+def _e8m0(t: torch.Tensor) -> torch.Tensor:
+    """e8m0 scale bytes (uint8 or float8_e8m0fnu) -> fp32 powers of two (255 = NaN in OCP MX)."""
+    b = (t.view(torch.uint8) if t.dtype == torch.float8_e8m0fnu else t).to(torch.int32)
+    return torch.where(b == 255, torch.tensor(float("nan")), torch.exp2((b - 127).float()))
+
+
+def _mx_grouped_matmul(op, xs, w, group_list, group_list_type, antiquant_scale, per_token_scale, scale, bias,
+                       offset, antiquant_offset, output_dtype, x_dtype, weight_dtype, per_token_scale_dtype):
+    """W4A8 MX mode (950): x float8_e4m3fn [M, K] with per_token_scale e8m0 [M, K/64, 2] (one per 32 of K);
+    weight MXFP4 uint8 [E, K/2, N], a transposed view of [E, N, K/2] storage packed along K (element 2j in the low
+    nibble, the checkpoint's and OCP's order: an assumption), antiquant_scale e8m0 [E, K/64, N, 2]. y[m, n] =
+    sum_k x[m, k] sx[m, k/32] * w[k, n] sw[k/32, n] in fp32, output output_dtype."""
+    from .contract import check_dtype_arg
+    require_soc(op, ("950",), SRC_GMM_MX)
+    check_dtype_arg(op, "x_dtype", x_dtype, ("float8_e4m3fn",), SRC_GMM_MX)
+    check_dtype_arg(op, "weight_dtype", weight_dtype, ("float4_e2m1fn_x2",), SRC_GMM_MX)
+    check_dtype_arg(op, "per_token_scale_dtype", per_token_scale_dtype, ("float8_e8m0fnu",), SRC_GMM_MX)
+    need(scale is None and bias is None and offset is None and antiquant_offset is None, op, "scale", "is given",
+         "no scale / bias / offsets in the W4A8 MX mode", SRC_GMM_MX)
+    check_in(op, "output_dtype", output_dtype, (torch.bfloat16, torch.float16), SRC_GMM_MX)
+    check_tensor(op, "x[0]", xs, SRC_GMM_MX, ndim=2)
+    check_contiguous(op, "x[0]", xs, SRC_GMM_MX)
+    m, k = xs.shape
+    need(k % 64 == 0, op, "x[0]", f"has K={k}", "K a multiple of 64 (scales in pairs of 32-blocks)", SRC_GMM_MX)
+    check_tensor(op, "weight[0]", w, SRC_GMM_MX, dtypes=(torch.uint8, torch.int8), ndim=3)
+    need(not w.is_contiguous() and w.transpose(1, 2).is_contiguous(), op, "weight[0]",
+         f"has stride {list(w.stride())}", "[E, K/2, N] as the transpose of contiguous [E, N, K/2] (packed along K)",
+         SRC_GMM_MX)
+    e, kh, n = w.shape
+    need(kh * 2 == k, op, "weight[0]", f"has K/2={kh}", f"x's K/2 = {k // 2}", SRC_GMM_MX)
+    sx = per_token_scale[0] if isinstance(per_token_scale, (list, tuple)) else per_token_scale
+    sw = antiquant_scale[0] if isinstance(antiquant_scale, (list, tuple)) else antiquant_scale
+    check_tensor(op, "per_token_scale", sx, SRC_GMM_MX, dtypes=(torch.uint8, torch.float8_e8m0fnu), ndim=3)
+    need(tuple(sx.shape) == (m, k // 64, 2), op, "per_token_scale", f"has shape {list(sx.shape)}",
+         f"[M, K/64, 2] = [{m}, {k // 64}, 2]", SRC_GMM_MX)
+    check_tensor(op, "antiquant_scale", sw, SRC_GMM_MX, dtypes=(torch.uint8, torch.float8_e8m0fnu), ndim=4)
+    need(tuple(sw.shape) == (e, k // 64, n, 2), op, "antiquant_scale", f"has shape {list(sw.shape)}",
+         f"[E, K/64, N, 2] = [{e}, {k // 64}, {n}, 2]", SRC_GMM_MX)
+    check_tensor(op, "group_list", group_list, SRC_GMM_MX, dtypes=(torch.int64,), ndim=1)
+    vals = group_list.tolist()
+    need(len(vals) == e and all(c >= 0 for c in vals), op, "group_list", f"is {vals}", f"{e} non-negative entries",
+         SRC_GMM_MX)
+    if group_list_type == 1:
+        need(len(vals) != 1 and sum(vals) == m, op, "group_list", f"is {vals}", f"counts summing to M={m}, not of "
+             "length 1", SRC_GMM_MX)
+        counts = vals
+    else:
+        need(all(b >= a for a, b in zip(vals, vals[1:])) and vals[-1] == m, op, "group_list", f"is {vals}",
+             f"a non-decreasing cumsum ending at M={m}", SRC_GMM_MX)
+        counts = [b - a for a, b in zip([0] + vals, vals)]
+    xd = xs.float() * _e8m0(sx).reshape(m, k // 32).repeat_interleave(32, -1)
+    packed = w.transpose(1, 2).reshape(e, n, kh).view(torch.uint8).long()            # [E, N, K/2]
+    codes = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(e, n, k)
+    wd = FP4_VALUES[codes] * _e8m0(sw).permute(0, 2, 1, 3).reshape(e, n, k // 32).repeat_interleave(32, -1)
+    y = torch.zeros(m, n, dtype=output_dtype, device=xs.device)
+    start = 0
+    for g, c in enumerate(counts):
+        y[start:start + c] = (xd[start:start + c] @ wd[g].t()).to(output_dtype)
+        start += c
+    return y

@@ -22,7 +22,7 @@ import types
 import torch
 
 from . import SPEC_OPS
-from .contract import SOC_DEVICE_NAME, SOC_VERSION, soc_family, use_soc
+from .contract import SOC_DEVICE_NAME, SOC_VERSION, TORCH_NPU_DTYPE_IDS, soc_family, use_soc
 
 TORCH_NPU_NAMESPACES = ("npu",)                 # registered by `import torch_npu` itself
 EXTENSION_MODULES = {                            # module whose import registers a torch.ops namespace
@@ -53,6 +53,8 @@ def build_module(soc: str) -> types.ModuleType:
         get_device_name=lambda *a: f"{SOC_DEVICE_NAME[family]} (spec stand-in on CPU)",
     )
     mod.npu = npu
+    for name, dtype_id in TORCH_NPU_DTYPE_IDS.items():     # torch_npu's own dtype ids (hifloat8 290, ..., fp4 296)
+        setattr(mod, name, dtype_id)
     for op in SPEC_OPS.values():
         if "torch_npu" in op.namespaces:
             setattr(mod, op.name, _bound(op, "torch_npu"))

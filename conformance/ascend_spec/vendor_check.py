@@ -116,7 +116,22 @@ def _cases() -> list[VendorCase]:
         return (r(g, 1, 3, 4096, dtype=BF16), r(g, 1, 3, 4, 4096, dtype=BF16), torch.rand(1, 3, 4, generator=g),
                 comb), {}
 
+    def mx_gmm(g):                           # W4A8 MX (950): DeepSeek FP8 activations, checkpoint FP4 experts
+        from dsv4_portable.reference.quant import float_to_e8m0, quant_fp4_weight, quant_fp8
+        m, k, n, e = 12, 256, 128, 3
+        xq, xs = quant_fp8(r(g, m, k, dtype=BF16), 128)
+        xs = float_to_e8m0(xs).view(torch.uint8).repeat_interleave(4, -1).reshape(m, k // 64, 2)
+        pairs = [quant_fp4_weight(r(g, n, k, scale=0.05)) for _ in range(e)]
+        w = torch.stack([p[0] for p in pairs]).view(torch.uint8)                          # [E, N, K/2]
+        ws = float_to_e8m0(torch.stack([p[1] for p in pairs])).view(torch.uint8)          # [E, N, K/32]
+        return ([xq], [w.transpose(1, 2)]), {
+            "antiquant_scale": [ws.reshape(e, n, k // 64, 2).transpose(1, 2)], "per_token_scale": [xs],
+            "per_token_scale_dtype": torch.float8_e8m0fnu, "group_list": torch.tensor([5, 0, 7]), "split_item": 2,
+            "group_type": 0, "group_list_type": 1, "x_dtype": torch.float8_e4m3fn, "weight_dtype": 296,
+            "output_dtype": BF16}
+
     cases = [
+        VendorCase("npu_grouped_matmul", "grouped_matmul/w4a8_mx", mx_gmm, BF16_TOL, chips=("950",)),
         VendorCase("npu_rms_norm", "rms_norm/bf16", lambda g: ((r(g, 4, 7, 512, dtype=BF16), r(g, 512, dtype=BF16)),
                                                              {"epsilon": 1e-6}), BF16_TOL),
         VendorCase("npu_rotary_mul", "rotary_mul/interleave_sbnd", rope, F32_TOL),

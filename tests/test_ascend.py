@@ -172,6 +172,10 @@ def test_the_probe_imports_the_extensions_once_and_reports_them(standin):
     assert status["extension custom_ops"] == "loaded"
     assert status["extension cann_ops_transformer"] == "not installed"
     assert vendor_ops.where(ascend_moe.GATING_DSV4) == "custom.npu_moe_gating_top_k"
+    vendor_ops.take_called()
+    with registry.use_backend("ascend"):
+        ops.moe_route(*_route_args())
+    assert vendor_ops.take_called() == ["custom.npu_moe_gating_top_k"] and vendor_ops.take_called() == []
 
 
 @pytest.mark.parametrize("standin", [("950", ("vllm_ascend.vllm_ascend_C",))], indirect=True)

@@ -35,6 +35,7 @@ EXTENSIONS = (
 
 _CACHE: dict[Candidates, tuple[Callable | None, str]] = {}
 _EXTENSIONS: dict[str, str] = {}      # module -> "loaded" | why it was not
+_CALLED: dict[str, None] = {}         # "namespace.name" of every op called since the last take_called()
 
 
 def _vllm_ascend_env() -> None:
@@ -115,7 +116,16 @@ def call(candidates: Candidates, *args, **kwargs):
     fn, key = resolve(candidates)
     if fn is None:
         raise RuntimeError(key)
+    _CALLED[key] = None
     return fn(*args, **kwargs)
+
+
+def take_called() -> list[str]:
+    """The vendor ops ("namespace.name") called since the last take_called(), in first-call order; resets. Lets a
+    conformance record name exactly which build of which op its case ran."""
+    out = list(_CALLED)
+    _CALLED.clear()
+    return out
 
 
 def arg_names(candidates: Candidates) -> set[str] | None:
@@ -147,3 +157,4 @@ def resolved_ops() -> dict[str, str]:
 def reset() -> None:
     _CACHE.clear()
     _EXTENSIONS.clear()
+    _CALLED.clear()

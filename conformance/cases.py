@@ -213,6 +213,19 @@ def attention_cases() -> list[Case]:
                               lambda g, dt=dt, a=(p0, s, ratio, csa, sink): window_args(g, dt, *a[:4], sink_mode=a[4]),
                               k=16 + s + 8, slice0=_first(0, 1, 2, 3, 4)))
 
+    # At the widths the fused Ascend attention takes (64 heads, head dim 512, window 128; CSA top-k padded to 512):
+    # a wrapped ring, chunks crossing a compressed-entry boundary, both sink extremes.
+    for label, p0, s, ratio, csa, sink, large in (("v4_window_decode_wrapped", 300, 1, 0, False, "-inf", False),
+                                                  ("v4_window_prefill", 0, 5, 0, False, "random", True),
+                                                  ("v4_hca_chunk_across_entry", 250, 8, 128, False, "random", False),
+                                                  ("v4_hca_decode_sink_huge", 385, 1, 128, False, "huge", True),
+                                                  ("v4_csa_decode", 203, 1, 4, True, "random", False),
+                                                  ("v4_csa_chunk", 121, 6, 4, True, "-inf", True)):
+        cases.append(Case("window_sparse_attn", f"window_sparse_attn/{label}/bfloat16", 49, BF16,
+                          lambda g, a=(p0, s, ratio, csa, sink): window_args(g, BF16, *a[:4], sink_mode=a[4], h=64,
+                                                                             d=512, w=128),
+                          k=128 + s + 8, slice0=_first(0, 1, 2, 3, 4), large=large))
+
     def indexer_args(g, dt, ties=False):
         b, s, h, di, n = 2, 4, 4, 32, 24
         q = _randn(g, b, s, h, di, dtype=dt)
@@ -232,6 +245,21 @@ def attention_cases() -> list[Case]:
 
     cases.append(Case("indexer_topk", "indexer_topk/decode/bfloat16", 45, BF16, indexer_decode_args,
                       slice0=_first(0, 1, 2, 3)))
+
+    def indexer_ascend_args(g, b, s, h, n, store=None):
+        """The widths the Ascend lightning indexer takes (D 128; 8 heads is the smallest count the 950 takes):
+        keys either the head of a larger cache store (read in place as pages) or a fresh tensor (padded copy)."""
+        q = _randn(g, b, s, h, 128, dtype=BF16)
+        keys = _randn(g, b, store or n, 128, dtype=BF16)
+        w = _randn(g, b, s, h).abs() * (128 ** -0.5) * (h ** -0.5)
+        visible = torch.randint(0, n + 1, (b, s), generator=g, dtype=torch.int32)
+        visible[0, -1], visible[-1, 0] = n, 0                        # a row that sees every key, one that sees none
+        return q, keys[:, :n], w, visible, 8
+
+    cases.append(Case("indexer_topk", "indexer_topk/ascend_prefill_store_slice/bfloat16", 47, BF16,
+                      lambda g: indexer_ascend_args(g, 2, 3, 8, 40, store=64), slice0=_first(0, 1, 2, 3)))
+    cases.append(Case("indexer_topk", "indexer_topk/ascend_decode_64_heads/bfloat16", 48, BF16,
+                      lambda g: indexer_ascend_args(g, 3, 1, 64, 37), slice0=_first(0, 1, 2, 3)))
     for dt in (BF16, F32):
         n = str(dt).split(".")[-1]
         cases.append(Case("indexer_topk", f"indexer_topk/visible_counts/{n}", 43, dt,
@@ -255,7 +283,7 @@ def _compressor_args(g, dt, ratio, rotate, b=2, dim=64):
     return wkv, wgate, ape, norm_w, cos[0], sin[0], kv_state, score_state
 
 
-def _compressor_steps(splits, ratio, rotate):
+def _compressor_steps(splits, ratio, rotate, quant=True):
     """run(): feed x in chunks (prefill, then decode steps / chunked prefill); return all entries and the state."""
     def run(call, args):
         x, wkv, wgate, ape, norm_w, cos, sin, kv_state, score_state = args
@@ -263,7 +291,7 @@ def _compressor_steps(splits, ratio, rotate):
         entries, pos = [], 0
         for n in splits:
             entries.append(call(x[:, pos:pos + n], wkv, wgate, ape, norm_w, cos, sin, kv_state, score_state, pos,
-                                ratio, rotate, True))
+                                ratio, rotate, quant))
             pos += n
         return torch.cat(entries, dim=1), kv_state, score_state
     return run
@@ -300,6 +328,26 @@ def compressor_cases() -> list[Case]:
                 cases.append(Case("compressor", f"compressor/{kind}/{label}", 52, BF16, make,
                                   run=_compressor_steps(splits, ratio, rotate), k=64, fp64_reference=False,
                                   check_reference=_equals_one_prefill(ratio, rotate), large=ratio == 128))
+    # The widths the fused Ascend compressor takes (hidden 1024, 64 rope dims; C4A d 512, C4Li d 128, C128A d 512)
+    # with bf16 projection weights: prefill-then-decode across a boundary and a chunked prefill. QAT off: these
+    # compare the fused kernel's pooling, norm and RoPE; a one-ulp bf16 difference before the FP8/FP4 round trip
+    # moves about 1% of elements by a whole step, and the round trips are the registry's own ops (cases above).
+    for ratio, d, rotate, splits, large in ((4, 512, False, [7, 1, 1, 3], False), (4, 128, True, [5, 3, 4], False),
+                                            (128, 512, False, [126, 1, 1, 2], True)):
+        kind = {(4, False): "c4a", (4, True): "c4li", (128, False): "c128a"}[(ratio, rotate)]
+
+        def make(g, ratio=ratio, d=d, rotate=rotate, n=sum(splits)):
+            coff, dim = (2 if ratio == 4 else 1), 1024
+            wkv, wgate = (_randn(g, coff * d, dim, scale=dim ** -0.5, dtype=BF16) for _ in range(2))
+            ape = _randn(g, ratio, coff * d, scale=0.1)
+            norm_w = (1 + 0.1 * torch.randn(d, generator=g)).to(BF16)
+            cos, sin = _cos_sin(1, 512, 32)
+            state = (torch.zeros(2, coff * ratio, coff * d), torch.full((2, coff * ratio, coff * d), float("-inf")))
+            return (_randn(g, 2, n, dim, dtype=BF16), wkv, wgate, ape, norm_w, cos[0], sin[0], *state)
+        cases.append(Case("compressor", f"compressor/ascend_{kind}/no_qat_steps_{'_'.join(map(str, splits))}", 53, BF16,
+                          make,
+                          run=_compressor_steps(splits, ratio, rotate, quant=False), k=1024, fp64_reference=False,
+                          large=large))
     return cases
 
 

@@ -1,14 +1,26 @@
-"""Shared checks of the Ascend providers: where tensors must live, and the availability of a vendor op."""
+"""Shared checks of the Ascend providers: where tensors must live, which chips a vendor op serves, and views of
+cache storage in the paged layouts the fused ops read."""
 from __future__ import annotations
 
 import sys
-import weakref
-from typing import Callable
 
 import torch
 
 from . import chip as chip_mod
 from . import vendor_ops
+
+# Chips each vendor op is used on, by "namespace.name" (the backend's own reading; the spec keeps its own).
+# Where the op-plugin doc's table lists A2/A3 only but public 950 code calls the op, the 950 is included and the
+# evidence is named in the spec's ASSUMPTIONS (conformance/ascend_spec/__init__.py).
+ALL_CHIPS = ("A2", "A3", "950")
+CHIPS = {
+    "custom.npu_hc_pre": ("A3", "950"),                       # cann-recipes doc: A3 and 950
+    "torch_npu.npu_dynamic_quant": ("A2", "A3"),              # int8 destinations are A2/A3 (doc)
+    "_C_ascend.npu_sparse_attn_sharedkv": ("A2", "A3"),       # kernel README: 950 not supported
+    "custom.npu_sparse_attn_sharedkv": ("A2", "A3"),
+    "_C_ascend.compressor": ("A3", "950"),                    # compressor README: A2 not supported
+    "custom.compressor": ("A3", "950"),
+}
 
 
 def simulated() -> bool:
@@ -24,28 +36,54 @@ def device_reasons(*tensors) -> list[str]:
     return []
 
 
-def availability(name: str, namespaces: tuple[str, ...], chips=("A2", "A3", "950")):
-    """available_fn for a provider calling vendor op `name`."""
-    def available() -> list[str]:
-        found = vendor_ops.reasons(name, namespaces)
-        if found:
-            return found
-        c = chip_mod.chip()
-        if c not in chips:
-            return [f"{name} is used on {', '.join(chips)}; this chip is {c or 'unknown'} "
-                    f"(SoC {chip_mod.soc_version()})"]
+def chip_reasons(key: str) -> list[str]:
+    """Why the resolved vendor op `key` ("namespace.name") is not used on this chip (empty when it is)."""
+    chips = CHIPS.get(key, ALL_CHIPS)
+    c = chip_mod.chip()
+    if c in chips:
         return []
+    return [f"{key} is used on {', '.join(chips)}; this chip is {c or 'unknown'} (SoC {chip_mod.soc_version()})"]
+
+
+def availability(*candidate_sets: vendor_ops.Candidates):
+    """available_fn for a provider that needs one op out of each candidate set, on a chip each op serves."""
+    def available() -> list[str]:
+        out = []
+        for cands in candidate_sets:
+            missing = vendor_ops.reasons(cands)
+            out += missing or chip_reasons(vendor_ops.where(cands))
+        return out
     return available
 
 
-_PREPARED: dict[tuple[int, str], object] = {}
+def paged_rows(t: torch.Tensor, max_block: int = 1024) -> tuple[torch.Tensor, int, int] | None:
+    """A zero-copy paged view [B * cap / bs, bs, 1, D] of the rows t [B, N, D] when t is the head of a per-batch
+    store of `cap` contiguous rows (a KV cache slice store[:, :N]) whose capacity divides into blocks of bs rows
+    (a multiple of 16, at most max_block). Returns (blocks, bs, blocks per batch), or None when the storage does
+    not allow it (the caller then pads a copy). The blocks past row N hold whatever the store holds: the fused ops
+    read only rows below the lengths they are given."""
+    b, n, d = t.shape
+    if t.stride(2) != 1 or t.stride(1) != d or t.stride(0) % d:
+        return None
+    cap = t.stride(0) // d                      # rows per batch in the store (N for a fresh tensor)
+    bs = next((s for s in (1024, 512, 256, 128, 64, 32, 16) if s <= max_block and cap % s == 0), None)
+    if bs is None or cap < n:
+        return None
+    if t.storage_offset() + b * cap * d > t.untyped_storage().nbytes() // t.element_size():
+        return None
+    view = torch.as_strided(t, (b * cap // bs, bs, 1, d), (bs * d, d, d, 1), t.storage_offset())
+    return view, bs, cap // bs
 
 
-def prepared(owner, tag: str, make: Callable[[], object]):
-    """Weight re-layouts the vendor ops need, made once per weight (`make()` on first use) and dropped when the
-    weight is: the prepare step runs at the first call instead of every call."""
-    key = (id(owner), tag)
-    if key not in _PREPARED:
-        _PREPARED[key] = make()
-        weakref.finalize(owner, _PREPARED.pop, key, None)
-    return _PREPARED[key]
+def padded_rows(t: torch.Tensor, bs: int) -> tuple[torch.Tensor, int, int]:
+    """A copy of t [B, N, D] padded to a multiple of bs rows per batch, as blocks [B * nb, bs, 1, D]."""
+    b, n, d = t.shape
+    nb = max(1, -(-n // bs))
+    out = torch.nn.functional.pad(t, (0, 0, 0, nb * bs - n))
+    return out.reshape(b * nb, bs, 1, d), bs, nb
+
+
+def block_table(batch_of_row: torch.Tensor, blocks_per_batch: int, n_blocks: int) -> torch.Tensor:
+    """int32 [R, n_blocks]: row r reads blocks batch_of_row[r] * blocks_per_batch + j (device ops only)."""
+    j = torch.arange(n_blocks, device=batch_of_row.device, dtype=torch.int32)
+    return (batch_of_row.to(torch.int32).unsqueeze(1) * blocks_per_batch + j).contiguous()

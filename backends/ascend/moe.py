@@ -1,4 +1,4 @@
-"""moe_route -> npu_moe_gating_top_k (norm_type 2 = sqrt-softplus, tid2eid hash mode);
+"""moe_route -> the hash gating kernel (norm_type 2 = sqrt-softplus, tid2eid hash mode) or torch_npu's gating;
 moe_experts -> npu_moe_init_routing_v2 + npu_grouped_matmul, SwiGLU with DeepSeek's clamp, ordered combine.
 
 The router logits are an fp32 product done by torch on the device (the vendor op takes logits); the gating op
@@ -9,71 +9,158 @@ the documented fused SwiGLU ops either quantise their output or use a different 
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
-from dsv4_portable.reference.moe import ExpertWeights
-from dsv4_portable.reference.quant import linear_f32
+from dsv4_portable import ops
+from dsv4_portable.reference.quant import FP8_LINEAR_BLOCK, float_to_e8m0, linear_f32
 from dsv4_portable.registry import register
 
+from . import chip as chip_mod
 from . import vendor_ops
-from .common import availability, device_reasons, prepared
+from .common import availability, device_reasons
 
-GATING = ("npu_moe_gating_top_k", ("torch_npu", "custom"))
-INIT_ROUTING = ("npu_moe_init_routing_v2", ("torch_npu", "npu"))
-GMM = ("npu_grouped_matmul", ("torch_npu", "npu"))
+# Gating with DeepSeek V4's sqrt-softplus (norm_type 2) and hash routing: the hash gating kernel, as CANN recipes
+# and vllm-ascend build it. torch_npu's own op documents norm_type 0 / 1 only (op-plugin
+# torch_npu-npu_moe_gating_top_k.md), so it serves the softmax and sigmoid variants.
+GATING_DSV4 = ("custom.npu_moe_gating_top_k", "_C_ascend.moe_gating_top_k_hash")
+GATING_TORCH_NPU = ("torch_npu.npu_moe_gating_top_k",)
+INIT_ROUTING = ("torch_npu.npu_moe_init_routing_v2", "npu.npu_moe_init_routing_v2")
+GMM = ("torch_npu.npu_grouped_matmul", "npu.npu_grouped_matmul")
 NORM_TYPE = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}
 
 
 # ----------------------------------------------------------------------------------------------- routing
+def _gating_op(score_func: str) -> vendor_ops.Candidates | None:
+    """The gating op for this score function on this host and chip, or None."""
+    for cands in ((GATING_DSV4,) if score_func == "sqrtsoftplus" else (GATING_DSV4, GATING_TORCH_NPU)):
+        if not availability(cands)():
+            return cands
+    return None
+
+
+def _route_available() -> list[str]:
+    if _gating_op("softmax") is not None:
+        return []
+    return availability(GATING_DSV4)() + availability(GATING_TORCH_NPU)()
+
+
 def _supports_route(x, gate_weight, bias, tid2eid, input_ids, topk, score_func="sqrtsoftplus", route_scale=1.0):
     reasons = device_reasons(x, gate_weight, bias, tid2eid, input_ids)
+    cands = _gating_op(score_func)
+    if cands is None:
+        reasons.append(f"{score_func} gating (norm_type {NORM_TYPE[score_func]}) needs "
+                       + " or ".join(GATING_DSV4) + "; torch_npu.npu_moe_gating_top_k documents norm_type 0 and 1 "
+                       "only: " + "; ".join(availability(GATING_DSV4)()))
+    elif tid2eid is not None and not {"input_ids", "tid2eid"} <= (vendor_ops.arg_names(cands) or set()):
+        reasons.append(f"{vendor_ops.where(cands)} takes no input_ids / tid2eid (torch_npu 2.10 lacks the hash "
+                       "mode): hash-routed layers run elsewhere")
     e = gate_weight.shape[0]
-    if e > 2048:
-        reasons.append(f"{e} experts; npu_moe_gating_top_k takes at most 2048")
+    if e > 2048 or e <= 2:
+        reasons.append(f"{e} experts; the gating op takes 3 to 2048")
     if topk > 64:
-        reasons.append(f"top-{topk}; npu_moe_gating_top_k takes k <= 64")
+        reasons.append(f"top-{topk}; the gating op takes k <= 64")
     if x.dtype == torch.float64:
         reasons.append("float64 runs on the reference")
     return reasons
 
 
-@register("moe_route", "cann", "npu", available=availability(*GATING), supports=_supports_route,
-          note="fp32 router logits + npu_moe_gating_top_k")
+@register("moe_route", "cann", "npu", available=_route_available, supports=_supports_route,
+          note="fp32 router logits + custom npu_moe_gating_top_k / _C_ascend.moe_gating_top_k_hash (sqrt-softplus, "
+               "hash) or torch_npu.npu_moe_gating_top_k (softmax, sigmoid)")
 def moe_route_cann(x, gate_weight, bias, tid2eid, input_ids, topk, score_func="sqrtsoftplus", route_scale=1.0):
-    logits = linear_f32(x.float(), gate_weight)
-    hashed = tid2eid is not None
-    w, idx, _ = vendor_ops.call(
-        *GATING, logits, topk, bias=None if bias is None else bias.float(),
-        input_ids=input_ids.long() if hashed else None, tid2eid=tid2eid.int() if hashed else None,
-        norm_type=NORM_TYPE[score_func], routed_scaling_factor=float(route_scale))
+    logits = linear_f32(x.float(), gate_weight)          # fp32 product (prepare_weights stores the gate in fp32)
+    hash_args = {} if tid2eid is None else {"input_ids": input_ids.long(), "tid2eid": tid2eid.int()}
+    # keywords only: the two builds order their arguments differently (torch_binding.cpp vs torch_npu schema)
+    w, idx, _ = vendor_ops.call(_gating_op(score_func), logits, topk, bias=None if bias is None else bias.float(),
+                                norm_type=NORM_TYPE[score_func], routed_scaling_factor=float(route_scale),
+                                **hash_args)
     return w.float(), idx.long()
 
 
 # ----------------------------------------------------------------------------------------------- experts
-def prepared_experts(ew: ExpertWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The grouped GEMM's weight layout [E, K, N] (w1, w3: [E, D, I]; w2: [E, I, D]), made once per weight set."""
-    return prepared(ew, "gmm [E, K, N]",
-                    lambda: tuple(w.transpose(1, 2).contiguous() for w in (ew.w1, ew.w3, ew.w2)))
+def _kn(w: torch.Tensor) -> torch.Tensor:
+    """[E, N, K] weights as the grouped GEMM's [E, K, N]: a transposed view, no copy (the op takes transposed
+    weights; op-plugin torch_npu-npu_grouped_matmul.md "支持weight转置")."""
+    return w.transpose(-1, -2)
+
+
+def _mx_reasons(name, ew) -> list[str]:
+    """Why FP4 experts cannot run the 950's W4A8 MX grouped GEMM (empty when they can)."""
+    if chip_mod.chip() != "950":
+        return [f"{name} are fp4; MXFP4 arithmetic exists only on the 950 (A2/A3 dequantise at load)"]
+    out = []
+    if ew.scale_fmt != "ue8m0":
+        out.append(f"{name} quantise activations with scale_fmt {ew.scale_fmt!r}; MX scales are e8m0 (ue8m0 only)")
+    for s in (ew.s1, ew.s2, ew.s3):
+        # e8m0 after prepare_weights; fp32 scales (unprepared weights) must be exact powers of two (a host check)
+        if s.dtype not in (torch.float8_e8m0fnu, torch.uint8) and not bool((s.float().view(torch.int32)
+                                                                             & 0x807FFFFF == 0).all()):
+            out.append(f"{name} scales are not all powers of two; the MX GEMM reads e8m0 scales")
+            break
+    if ew.hidden % 128 or ew.inter % 128:
+        out.append(f"{name} dims {ew.hidden}/{ew.inter}; the MX path needs multiples of 128 (activation blocks)")
+    return out
 
 
 def _supports_experts(x, idx, weights, experts, shared=None, swiglu_limit=0.0):
     reasons = device_reasons(x, idx, weights, experts.w1, None if shared is None else shared.w1)
     for name, ew in (("experts", experts), ("shared", shared)):
-        if ew is not None and ew.fmt != "bf16":
-            reasons.append(f"{name} are {ew.fmt}; this provider runs bf16 experts (A2/A3 dequantise at load; the "
-                           "950 MXFP8 x MXFP4 grouped GEMM mapping is not implemented)")
-        elif ew is not None and ew.w1.dtype != x.dtype:
+        if ew is None:
+            continue
+        if ew.fmt == "fp4":
+            reasons += _mx_reasons(name, ew)
+        elif ew.fmt == "fp8" and name == "shared":
+            continue                                  # three fp8_linear calls (the registry op), any chip
+        elif ew.fmt != "bf16":
+            reasons.append(f"{name} are {ew.fmt}; this provider runs bf16 experts, and fp4 ones on the 950 (a "
+                           "grouped GEMM for FP8 128x128 blocks is not mapped)")
+        elif ew.w1.dtype != x.dtype:
             reasons.append(f"{name} weights are {ew.w1.dtype}, activations {x.dtype}: npu_grouped_matmul needs one "
                            "dtype")
     if x.dtype not in (torch.bfloat16, torch.float16):
         reasons.append(f"activations {x.dtype}; npu_grouped_matmul takes bf16/fp16 (fp32 runs on the reference)")
+    if experts.num_experts > 1024:
+        reasons.append(f"{experts.num_experts} experts; npu_grouped_matmul takes at most 1024 groups")
+    if max(experts.hidden, experts.inter) >= 65536:
+        reasons.append("a weight dim >= 65536; npu_grouped_matmul's inner dims are below 65536")
     return reasons
 
 
 def _grouped(x_rows: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    return vendor_ops.call(*GMM, [x_rows], [w], group_list=counts, split_item=3, group_type=0,
+    return vendor_ops.call(GMM, [x_rows], [_kn(w)], group_list=counts, split_item=3, group_type=0,
                            group_list_type=1)[0]
+
+
+def _mx_act(x_rows: torch.Tensor):
+    """DeepSeek's activation quantisation (FP8, 1x128 blocks, ue8m0) in the MX GEMM's format: the e8m0 scale of
+    each 128-block repeated for its four 32-blocks, [M, K/64, 2] bytes. The same FP8 values and scales as the
+    reference, so the products equal fp4_linear's (npu_dynamic_mx_quant would use OCP's 1x32 rule instead)."""
+    xq, xs = ops.quant_fp8(x_rows, FP8_LINEAR_BLOCK, "ue8m0")
+    m, k = x_rows.shape
+    s32 = float_to_e8m0(xs).view(torch.uint8).repeat_interleave(FP8_LINEAR_BLOCK // 32, -1)
+    return xq, s32.reshape(m, k // 64, 2)
+
+
+def _mx_grouped(x_rows: torch.Tensor, w: torch.Tensor, s: torch.Tensor, counts: torch.Tensor, cumsum: bool):
+    """W4A8 MX grouped GEMM of rows x_rows [M, K] with FP4 weights w [E, N, K/2] (e8m0 scales s [E, N, K/32]),
+    as vllm-ascend's A5 adaptor calls it: weight as the [E, K/2, N] transposed view, scales as the
+    [E, K/64, N, 2] view (no copies). cumsum: group_list as a cumsum (a one-group list may not be counts)."""
+    e, n, kh = w.shape
+    xq, xs = _mx_act(x_rows)
+    npu = sys.modules["torch_npu"]
+    if s.dtype not in (torch.float8_e8m0fnu, torch.uint8):
+        # unprepared fp32 powers of two (checked in supports): their exponent bytes. prepare_weights stores e8m0
+        # at load, so a loaded model never takes this copy.
+        s = ((s.float().view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
+    scales = s.view(torch.uint8).reshape(e, n, kh // 32, 2).transpose(1, 2)
+    return vendor_ops.call(
+        GMM, [xq], [w.view(torch.uint8).transpose(1, 2)], antiquant_scale=[scales], per_token_scale=[xs],
+        per_token_scale_dtype=torch.float8_e8m0fnu, group_list=counts.cumsum(0) if cumsum else counts, split_item=2,
+        group_type=0, group_list_type=0 if cumsum else 1, x_dtype=torch.float8_e4m3fn,
+        weight_dtype=getattr(npu, "float4_e2m1fn_x2", 296), output_dtype=x_rows.dtype)[0]
 
 
 def _swiglu(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor | None, limit: float, dtype) -> torch.Tensor:
@@ -87,14 +174,36 @@ def _swiglu(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor | None, limit
     return h.to(dtype)
 
 
-def _expert_rows(x_rows, ew, counts, weight, limit):
-    w1, w3, w2 = prepared_experts(ew)
-    h = _swiglu(_grouped(x_rows, w1, counts), _grouped(x_rows, w3, counts), weight, limit, x_rows.dtype)
-    return _grouped(h, w2, counts)
+def _shared_rows(x: torch.Tensor, ew, limit: float) -> torch.Tensor:
+    """The shared expert is one dense MLP over every row: plain matmuls on the device for bf16 (a one-group
+    npu_grouped_matmul would need a group_list of length 1, which group_list_type 1 forbids); FP8 blocks through
+    fp8_linear; FP4 through the MX GEMM with one group given as a cumsum."""
+    if ew.fmt == "fp8":      # V4 checkpoints keep the shared expert in FP8 blocks: the registry's fp8_linear
+        lin = lambda t, w, sc: ops.fp8_linear(t, w[0], sc[0], ew.scale_fmt)   # noqa: E731
+        h = _swiglu(lin(x, ew.w1, ew.s1), lin(x, ew.w3, ew.s3), None, limit, x.dtype)
+        return lin(h, ew.w2, ew.s2)
+    if ew.fmt == "fp4":
+        one = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+        h = _swiglu(_mx_grouped(x, ew.w1, ew.s1, one, True), _mx_grouped(x, ew.w3, ew.s3, one, True), None, limit,
+                    x.dtype)
+        return _mx_grouped(h, ew.w2, ew.s2, one, True)
+    g, u = torch.matmul(x, ew.w1[0].t()), torch.matmul(x, ew.w3[0].t())
+    return torch.matmul(_swiglu(g, u, None, limit, x.dtype), ew.w2[0].t())
 
 
-@register("moe_experts", "cann", "npu", available=lambda: availability(*INIT_ROUTING)() + availability(*GMM)(),
-          supports=_supports_experts, note="npu_moe_init_routing_v2 + npu_grouped_matmul, ordered combine")
+def _routed_rows(expanded, ew, counts, slot_weight, limit):
+    """Expanded rows (grouped by expert) through w1/w3, SwiGLU with DeepSeek's clamp and the routing weight, w2."""
+    if ew.fmt == "fp4":
+        g, u = _mx_grouped(expanded, ew.w1, ew.s1, counts, False), _mx_grouped(expanded, ew.w3, ew.s3, counts, False)
+        return _mx_grouped(_swiglu(g, u, slot_weight, limit, expanded.dtype), ew.w2, ew.s2, counts, False)
+    h = _swiglu(_grouped(expanded, ew.w1, counts), _grouped(expanded, ew.w3, counts), slot_weight, limit,
+                expanded.dtype)
+    return _grouped(h, ew.w2, counts)
+
+
+@register("moe_experts", "cann", "npu", available=availability(INIT_ROUTING, GMM), supports=_supports_experts,
+          note="npu_moe_init_routing_v2 + npu_grouped_matmul on transposed weight views (bf16; on the 950 FP4 "
+               "experts through the W4A8 MX mode); ordered combine")
 def moe_experts_cann(x, idx, weights, experts, shared=None, swiglu_limit=0.0):
     t, k = idx.shape
     # Slots without an expert (-1, EP padding) go to expert 0 with routing weight 0: the weight is applied before
@@ -102,17 +211,15 @@ def moe_experts_cann(x, idx, weights, experts, shared=None, swiglu_limit=0.0):
     routed = idx >= 0
     weights = torch.where(routed, weights.float(), 0.0)
     expanded, row_of_slot, counts, _ = vendor_ops.call(
-        *INIT_ROUTING, x, idx.clamp_min(0).to(torch.int32), active_num=t * k, expert_num=experts.num_experts,
+        INIT_ROUTING, x, idx.clamp_min(0).to(torch.int32), active_num=t * k, expert_num=experts.num_experts,
         expert_tokens_num_type=1, expert_tokens_num_flag=True, row_idx_type=0)
     row_of_slot = row_of_slot.long()
     slot_weight = torch.empty(t * k, dtype=torch.float32, device=x.device)
     slot_weight[row_of_slot] = weights.reshape(-1).float()          # expanded row r carries its slot's weight
-    y = _expert_rows(expanded, experts, counts, slot_weight, swiglu_limit)
-    per_slot = y[row_of_slot].view(t, k, -1)                          # back to (token, slot) order
+    per_slot = _routed_rows(expanded, experts, counts, slot_weight, swiglu_limit)[row_of_slot].view(t, k, -1)
     acc = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
     if shared is not None:
-        all_rows = torch.tensor([t], dtype=torch.int64, device=x.device)
-        acc += _expert_rows(x, shared, all_rows, None, swiglu_limit).float()
+        acc += _shared_rows(x, shared, swiglu_limit).float()
     for j in range(k):                                                # ordered combine: sequential in k, fp32
         acc += per_slot[:, j].float()
     return acc.to(x.dtype)

@@ -361,3 +361,45 @@ def f32(t: torch.Tensor) -> torch.Tensor:
 def empty_float() -> torch.Tensor:
     """The vendor's 'invalid / not returned' float output (an empty fp32 tensor)."""
     return torch.empty(0, dtype=torch.float32)
+
+
+def placeholder(shape, dtype=torch.float32, device=None) -> torch.Tensor:
+    """An output the real op always allocates but whose values the documentation leaves undefined (e.g. the
+    gating op's norm_out without out_flag). Shape and dtype are part of the contract, the values are not: the
+    vendor check compares only the shape and dtype of such outputs (see is_placeholder)."""
+    t = torch.zeros(shape, dtype=dtype, device=device)
+    t._spec_undefined = True
+    return t
+
+
+def is_placeholder(t) -> bool:
+    return bool(getattr(t, "_spec_undefined", False))
+
+
+def is_transposed_last_two(t: torch.Tensor) -> bool:
+    """The last two dims are a transpose of contiguous storage (stride [..., 1, rows]), batch dims packed: the
+    one non-contiguous weight layout the matmul ops take (op-plugin QuantMatmulKernelNpuOpApi.cpp
+    is_transpose_last_two_dims; npu_grouped_matmul doc: "支持weight转置")."""
+    if t.dim() < 2:
+        return False
+    r, c = t.shape[-2], t.shape[-1]
+    if t.stride(-2) != 1 or t.stride(-1) != r or (r == 1 and c == 1):
+        return False
+    step = r * c
+    for d in range(t.dim() - 3, -1, -1):
+        if t.stride(d) != step:
+            return False
+        step *= t.shape[d]
+    return True
+
+
+def check_contiguous(op: str, arg: str, t: torch.Tensor, source: str, allow_transposed: bool = False) -> bool:
+    """Contiguous (or, where the op documents it, a transposed view of contiguous storage). Returns whether t is
+    the transposed form."""
+    if t.is_contiguous():
+        return False
+    if allow_transposed and is_transposed_last_two(t):
+        return True
+    rule = "contiguous" + (" or a transpose of the last two dims of contiguous storage" if allow_transposed else "")
+    raise VendorContractError(op, arg, f"is non-contiguous (shape {list(t.shape)}, stride {list(t.stride())})",
+                              rule, source)

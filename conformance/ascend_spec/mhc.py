@@ -6,9 +6,11 @@ import torch
 
 from .contract import check_int, check_shape, check_tensor, need, require_soc, spec_op
 
-SRC_V2 = "vllm-ascend csrc/torch_binding.cpp::check_hc_pre_shape_and_dtype"
+SRC_V2 = ("vllm-ascend csrc/torch_binding.cpp::check_hc_pre_shape_and_dtype, csrc/moe/hc_pre (def.cpp: "
+          "ascend910b, ascend910_93, ascend950)")
 SRC_CUSTOM = "cann-recipes custom_ops npu_hc_pre doc (D fixed, A3 and 950 only)"
-SRC_POST = "vllm-ascend _C_ascend.npu_hc_post; cann-recipes op_impls/mhc.py::hc_post_native"
+SRC_POST = ("vllm-ascend csrc/torch_binding.cpp::check_hc_post_shape_and_dtype, csrc/moe/hc_post (def.cpp: "
+            "ascend910b, ascend910_93, ascend950); cann-recipes op_impls/mhc.py::hc_post_native")
 HIDDEN_SIZES = (4096, 7168)       # V4-Flash, V4-Pro
 
 
@@ -66,17 +68,20 @@ def npu_hc_pre(x, hc_fn, hc_scale, hc_base, *, hc_mult=4, hc_sinkhorn_iters=20, 
 
 @spec_op("npu_hc_post", ("_C_ascend",), SRC_POST)
 def npu_hc_post(x, residual, post, comb):
-    """out[i] = post[i] * x + sum_j comb[j][i] * residual[j] in fp32, returned in x's dtype.
-    x: [T, D] or [B, S, D] bf16; residual: [..., 4, D] bf16; post: fp32 [..., 4]; comb: fp32 [..., 4, 4]."""
+    """out[b, s, i] = post[b, s, i] * x[b, s] + sum_j comb[b, s, j, i] * residual[b, s, j] in fp32, returned in
+    residual's dtype. x [B, S, D] fp32/fp16/bf16; residual [B, S, hc, D] of x's dtype; post [B, S, hc]
+    fp32/fp16/bf16; comb [B, S, hc, hc] of post's dtype (check_hc_post_shape_and_dtype: no limit on hc or D)."""
     op = "npu_hc_post"
     require_soc(op, ("A2", "A3", "950"), SRC_POST)
-    check_tensor(op, "x", x, SRC_POST, dtypes=(torch.bfloat16,), ndim=(2, 3))
-    check_tensor(op, "residual", residual, SRC_POST, dtypes=(torch.bfloat16,), ndim=x.dim() + 1)
-    lead, d = tuple(x.shape[:-1]), x.shape[-1]
-    check_shape(op, "residual", residual, (*lead, 4, d), SRC_POST, "[..., hc_mult=4, D] matching x")
-    check_tensor(op, "post", post, SRC_POST, dtypes=(torch.float32,))
-    check_shape(op, "post", post, (*lead, 4), SRC_POST)
-    check_tensor(op, "comb", comb, SRC_POST, dtypes=(torch.float32,))
-    check_shape(op, "comb", comb, (*lead, 4, 4), SRC_POST)
-    mixed = (comb.unsqueeze(-1) * residual.float().unsqueeze(-2)).sum(-3)
-    return (post.unsqueeze(-1) * x.float().unsqueeze(-2) + mixed).to(x.dtype)
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    check_tensor(op, "x", x, SRC_POST, dtypes=floats, ndim=3)
+    check_tensor(op, "residual", residual, SRC_POST, dtypes=(x.dtype,), ndim=4)
+    b, s, d = x.shape
+    hc = residual.shape[2]
+    check_shape(op, "residual", residual, (b, s, hc, d), SRC_POST, "[B, S, hc, D] matching x")
+    check_tensor(op, "post", post, SRC_POST, dtypes=floats, ndim=3)
+    check_shape(op, "post", post, (b, s, hc), SRC_POST)
+    check_tensor(op, "comb", comb, SRC_POST, dtypes=(post.dtype,), ndim=4)
+    check_shape(op, "comb", comb, (b, s, hc, hc), SRC_POST)
+    mixed = (comb.float().unsqueeze(-1) * residual.float().unsqueeze(-2)).sum(-3)
+    return (post.float().unsqueeze(-1) * x.float().unsqueeze(-2) + mixed).to(residual.dtype)

@@ -118,6 +118,11 @@ def _compare(case: Case, out: tuple, expect: tuple, args_cpu: tuple) -> Comparis
     return worst
 
 
+def _vendor_ops_called() -> list[str]:
+    from dsv4_portable.backends.ascend import vendor_ops
+    return vendor_ops.take_called()
+
+
 def run_case(case: Case, provider: str, backend: Backend, device: str, vers: dict) -> CaseRecord:
     op = get_op(case.op)
     t0 = time.perf_counter()
@@ -151,6 +156,8 @@ def run_case(case: Case, provider: str, backend: Backend, device: str, vers: dic
     def on_cpu(out):
         return tuple(o.detach().cpu() for o in out)
 
+    vendor_called = _vendor_ops_called if backend.device_type == "npu" else list
+    vendor_called()                                      # forget what earlier cases called
     try:
         expect = case.execute(lambda *a: op.run("reference", *a), _map(args_cpu, _to64) if use64 else args_cpu)
         if case.check_reference is not None:
@@ -169,6 +176,7 @@ def run_case(case: Case, provider: str, backend: Backend, device: str, vers: dic
         rec.duration_s = time.perf_counter() - t0
         return rec
     rec.max_abs, rec.max_rel, rec.mismatch_frac, rec.similarity = c.max_abs, c.max_rel, c.mismatch_frac, c.similarity
+    rec.vendor_ops = vendor_called() or None
     problems = [c.message] if not c.ok else []
     if not rec.deterministic:
         problems.append("two runs of the same input differ bitwise")

@@ -101,6 +101,9 @@ def load_model(path: str | pathlib.Path = "tiny", device: str = "cpu", dtype="bf
         cfg = load_config(path)
         tdev = backend.torch_device()
         params = load_params(path, cfg, dtype, tdev, weights, quiet, keep_expert)
+        if backend.name == "ascend":           # the vendor ops' layouts, made once at load
+            from .backends.ascend.weights import prepare_weights
+            params = prepare_weights(params)
         tokenizer = None
         if (path / "tokenizer.json").exists():
             from tokenizers import Tokenizer

@@ -9,6 +9,7 @@ On CPU the tests install it as a stand-in `torch_npu` (standin.py) and run the A
 NPU host `vendor_check.py` runs the real ops against it ("vendor op vs spec" section of the conformance report).
 """
 from . import gemm, indexer, mhc, moe, norm_rope  # noqa: F401  (registers the spec ops)
+from . import ep  # noqa: F401  (MC2 dispatch_v2 / combine_v2: expert parallelism over a real process group)
 from .contract import SPEC_OPS, SpecNotModelledError, VendorContractError, use_soc  # noqa: F401
 
 # Where the spec deliberately computes differently from our reference (and why); the conformance tolerance of
@@ -26,4 +27,8 @@ DELIBERATE_DIFFERENCES = {
     "npu_quant_matmul": "block-scaled FP8 (950) accumulates in the vendor's order; int8 W8A8 (A2/A3) is a "
                         "different recipe from DeepSeek's FP8 blocks and is compared by similarity only.",
     "npu_lightning_indexer": "top-k ties are unspecified; compared as sets.",
+    "npu_moe_distribute_dispatch_v2 / combine_v2": "combine weights the expert outputs after w2 (expert_scales) and "
+                                                   "reduces in the vendor's order, where V4 applies the routing "
+                                                   "weight before w2 and the reference reduces in k order: EP "
+                                                   "through MC2 is compared by tolerance only.",
 }

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-# torch's default process-group timeouts (30 min gloo, 10 min nccl): far too long for a rank to sit in a dead
-# exchange, so a group that still has one gets a warning.
-DEFAULT_GROUP_TIMEOUT_S = 600.0
+# torch's default process-group timeouts (30 min; 10 min for nccl): a group created without timeout= has one of
+# them, far too long for a rank to sit in a dead exchange, so such a group gets a warning.
+TORCH_DEFAULT_TIMEOUTS_S = (1800.0, 600.0)
 FALLBACK_TIMEOUT_S = 300.0
 
 
@@ -101,7 +101,7 @@ class Comm:
     single-process run without torch.distributed is world size 1 and moves nothing).
 
     timeout_s: how long any one exchange may wait for its peers (default: the group's timeout). A group left at
-    torch's default timeout (10-30 min) gets a warning: a failed peer would hold every rank that long."""
+    torch's default timeout (30 min, nccl 10 min) gets a warning and the exchanges wait FALLBACK_TIMEOUT_S."""
 
     def __init__(self, group=None, timeout_s: float | None = None):
         self.group = group
@@ -114,9 +114,10 @@ class Comm:
         self.ran: Counter = Counter()   # (EP provider, transport) -> MoE calls, as the providers report them
         if timeout_s is None and self.distributed:
             own = group_timeout_s(group, "cpu" if "cpu" in self.backends else next(iter(self.backends)))
-            if own is None or own >= DEFAULT_GROUP_TIMEOUT_S:
-                warnings.warn(f"EP: the process group's timeout is {'unknown' if own is None else f'{own:.0f} s'}; "
-                              f"a failed peer would hold every rank that long. Pass timeout= to "
+            if own is None or own in TORCH_DEFAULT_TIMEOUTS_S:
+                warnings.warn(f"EP: the process group's timeout is {'unknown' if own is None else f'{own:.0f} s'} "
+                              f"(torch's default: was it created without timeout=?); a failed peer would hold every "
+                              f"rank that long. Pass timeout= to "
                               f"init_process_group (ep.launch does) or Comm(timeout_s=...); using "
                               f"{FALLBACK_TIMEOUT_S:.0f} s for EP exchanges", stacklevel=2)
                 own = FALLBACK_TIMEOUT_S

@@ -35,6 +35,16 @@ MODEL_BATCH = 3          # 3 sequences: at --ep 2 an uneven split, at --ep 4 one
 EP_DIR = pathlib.Path(__file__).resolve().parents[1] / "dsv4_portable" / "ep"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Like every spawned rank (ep.launch): these tiny ops run ~8x slower with 2 intra-op threads on a busy
+    # 2-core box. Results do not depend on it (the reference expert GEMMs use fixed tiles).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"w{w}")
 def run(request):
     world = request.param

@@ -257,17 +257,13 @@ def partial_rows(pieces: list[tuple], world_size: int, apply_weights: bool, dtyp
     src_r, src_i, ks, vals, ws = (torch.cat(v) for v in (src_r, src_i, ks, vals, ws))
     base = int(src_i.max()) + 1 if src_i.numel() else 1
     token, inverse = torch.unique(src_r * base + src_i, sorted=True, return_inverse=True)
-    n = token.shape[0]
-    slot = torch.zeros(n, kdim, hdim, dtype=vals.dtype, device=device)
-    weight = torch.zeros(n, kdim, dtype=torch.float32, device=device)
-    present = torch.zeros(n, kdim, dtype=torch.bool, device=device)
-    slot[inverse, ks], weight[inverse, ks], present[inverse, ks] = vals, ws.float(), True
-    acc = torch.zeros(n, hdim, dtype=torch.float32, device=device)
-    for j in range(kdim):                                   # sequential in k, fp32
-        term = slot[:, j].float()
+    acc = torch.zeros(token.shape[0], hdim, dtype=torch.float32, device=device)
+    for j in range(kdim):                       # sequential in k, fp32; a token has at most one slot j
+        sel = ks == j
+        term = vals[sel].float()
         if apply_weights:
-            term = weight[:, j:j + 1] * term
-        acc += torch.where(present[:, j:j + 1], term, 0)
+            term = ws[sel].float().unsqueeze(1) * term
+        acc[inverse[sel]] += term
     per_rank = torch.bincount(token // base, minlength=world_size)
     return acc.to(dtype), per_rank.tolist()
 

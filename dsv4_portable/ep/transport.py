@@ -82,8 +82,8 @@ def unpack(fields: list[Field], buf: torch.Tensor) -> dict[str, torch.Tensor]:
 def backend_map(group=None) -> dict[str, str]:
     """{device type: backend} of a process group, e.g. {"cpu": "gloo", "cuda": "nccl"}."""
     text = dist.get_backend_config(group)
-    if ":" not in text:                                     # a plain "gloo" / "nccl" string
-        return {"cpu": text, "cuda": text}
+    if ":" not in text:                                     # a plain backend name: its home device only
+        return {{"gloo": "cpu", "nccl": "cuda", "hccl": "npu"}.get(text, "cpu"): text}
     return dict(part.split(":", 1) for part in text.split(","))
 
 

@@ -183,7 +183,9 @@ def run_rank(rank: int, world_size: int, args) -> dict:
     from .. import registry
     from ..config import load_config
     registry.reset_counts()
-    ctx = EPContext(load_config(args.model).n_routed_experts, timeout_s=getattr(args, "ep_timeout", None))
+    # --ep-combine (ordered | partial) and --ep-timeout are read when the CLI has them (run.py has --ep-timeout)
+    ctx = EPContext(load_config(args.model).n_routed_experts, mode=getattr(args, "ep_combine", "ordered"),
+                    timeout_s=getattr(args, "ep_timeout", None))
     model = load_sharded(args, ctx)
     ctx.attach(model.net)
     prompts = _prompts(args, model)

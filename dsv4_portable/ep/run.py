@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     from ..commands import add_run_args
     p = argparse.ArgumentParser(prog="torchrun ... -m dsv4_portable.ep.run", description=__doc__.splitlines()[0])
     add_run_args(p)
+    p.add_argument("--ep-combine", choices=["ordered", "partial"], default="ordered",
+                   help="ordered: bitwise equal to --ep 1; partial: per-rank partial sums (on Ascend A2/A3 through "
+                        "MC2 dispatch_v2 / combine_v2 where the call fits)")
     p.add_argument("--ep-timeout", type=float, default=120.0,
                    help="seconds any EP exchange may wait for its peers (the process-group timeout too)")
     args = p.parse_args(argv)

@@ -30,6 +30,7 @@ class CaseRecord:
     batch_invariant: bool | None = None      # row b of a batch bitwise equals the single-row run (None = n/a)
     tolerance: dict[str, Any] = dataclasses.field(default_factory=dict)  # atol/rtol/exact/min_similarity + "source"
     transport: str | None = None             # EP only: "cpu-gloo multi-process", "device single-rank", ...
+    world_size: int | None = None            # EP only: ranks in the process group
     vendor_ops: list[str] | None = None      # Ascend: the vendor ops ("namespace.name") the case ran
     status: str = "fail"                     # "pass" | "fail" | "skip" | "error"
     message: str = ""                        # why it failed / was skipped, or the error text

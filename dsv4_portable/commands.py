@@ -110,8 +110,9 @@ def check_run_args(args):
     if args.ep < 1:
         raise UsageError(f"--ep must be >= 1, got {args.ep}")
     registry.set_backend(args.device)            # unknown / unavailable device: its own clear error
-    if args.ep > 1 and args.device != "cpu":
-        raise UsageError(f"--ep {args.ep} runs over the CPU gloo transport only for now; use --device cpu")
+    if args.ep > 1:
+        from .ep.model import validate_ep
+        validate_ep(args)                        # expert split, devices per rank
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not 0 < args.top_p <= 1:
@@ -143,15 +144,6 @@ def check_run_args(args):
     return cfg
 
 
-def _merge_ranks(outs):
-    """One Generation for ranks that ran in parallel: tokens summed, time of the slowest rank."""
-    from .model.generate import Generation
-    return Generation([t for o in outs for t in o.tokens], sum(o.prefill_tokens for o in outs),
-                      max(o.prefill_s for o in outs), sum(o.decode_tokens for o in outs),
-                      max(o.decode_s for o in outs), sum(o.cache_bytes for o in outs),
-                      outs[0].cache_bytes_per_token, outs[0].cache_layout)
-
-
 def run_main(args) -> int:
     from .api import load_model
     check_run_args(args)
@@ -161,16 +153,14 @@ def run_main(args) -> int:
         from .ep.model import run_ep
         ranks = run_ep(args)
         lead = ranks[0]
-        outs = [r["generation"] for r in ranks if r["generation"] is not None]   # rank order = prompt order
+        out = lead["generation"]                 # merged over the ranks, every prompt in prompt order
         counts = lead["providers"]
         model_path = lead["path"]
         weights = registry.get_backend(args.device).weight_mode(args.weights)[0]
         print(f"ep: {ep} ranks over {lead['transport']}; experts per rank " +
               ", ".join(f"{r['rank']}:{r['local_experts'][0]}-{r['local_experts'][-1]}" for r in ranks) +
               f"; rank 0 ran {lead['moe_calls']} MoE exchanges, the others served them", file=sys.stderr)
-        tokens = [t for o in outs for t in o.tokens]
-        texts = [t for o in outs for t in o.texts] if all(o.texts for o in outs) else []
-        out = _merge_ranks(outs)
+        tokens, texts = out.tokens, out.texts
     else:
         model = load_model(args.model, device=args.device, dtype=args.dtype, weights=args.weights,
                            quant_sim=not args.no_quant_sim)
@@ -191,6 +181,8 @@ def run_main(args) -> int:
         "kv_cache_layout": out.cache_layout, "kv_cache_bytes": out.cache_bytes,
         "kv_cache_bytes_per_token": round(out.cache_bytes_per_token, 1), "providers": counts,
     }
+    if ep > 1:
+        summary["ep_transport"], summary["ep_providers"] = lead["transport"], lead["ep_providers"]
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0

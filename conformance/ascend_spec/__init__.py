@@ -12,6 +12,7 @@ On CPU the tests install it as a stand-in `torch_npu` (standin.py) and run the A
 NPU host `vendor_check.py` runs the real ops against it ("vendor op vs spec" section of the conformance report).
 """
 from . import attention, compressor, gemm, indexer, mhc, moe, norm_rope  # noqa: F401  (registers the spec ops)
+from . import ep  # noqa: F401  (MC2 dispatch_v2 / combine_v2: expert parallelism over a real process group)
 from .contract import SPEC_OPS, SpecNotModelledError, VendorContractError, use_soc  # noqa: F401
 
 # Where the spec deliberately computes differently from our reference (and why); the conformance tolerance of
@@ -77,4 +78,8 @@ ASSUMPTIONS = {
                                         "so no OCP MX rounding is involved.",
     "npu_hc_pre / npu_moe_gating_top_k (custom)": "CANN recipes' custom_ops builds take the same arguments and "
                                                   "compute the same as the vllm-ascend builds of the same kernels.",
+    "npu_moe_distribute_dispatch_v2 / combine_v2": "combine weights the expert outputs after w2 (expert_scales) and "
+                                                   "reduces in the vendor's order, where V4 applies the routing "
+                                                   "weight before w2 and the reference reduces in k order: EP "
+                                                   "through MC2 is compared by tolerance only.",
 }

@@ -22,6 +22,7 @@ import types
 import torch
 
 from . import SPEC_OPS
+from . import ep as ep_spec
 from .contract import SOC_DEVICE_NAME, SOC_VERSION, TORCH_NPU_DTYPE_IDS, soc_family, use_soc
 
 TORCH_NPU_NAMESPACES = ("npu",)                 # registered by `import torch_npu` itself
@@ -58,6 +59,8 @@ def build_module(soc: str) -> types.ModuleType:
     for op in SPEC_OPS.values():
         if "torch_npu" in op.namespaces:
             setattr(mod, op.name, _bound(op, "torch_npu"))
+    # MC2 ops take an HCCL communicator name; under the spec a gloo group's name comes from here (ep.py).
+    mod.spec_comm_name = ep_spec.comm_name
     return mod
 
 

@@ -8,9 +8,16 @@ then source index: the canonical order, so two runs receive identical tensors.
 Combine ("ordered", the canonical one): the receiver returns one row per processed (token, slot); the source puts
 them back in their slots and reduces in fp32, starting from the bias (the V4 shared expert) and adding slot
 k = 0..K-1 in order. With batch-invariant expert GEMMs this equals the single-device MoE bit for bit.
-Combine ("partial"): each receiving rank pre-reduces its slots of a token in fp32 and returns one row per
-token; the source adds bias and the per-rank partial sums in rank order. Fewer bytes, a different summation
-order: checked against a tolerance only.
+Combine ("partial", DeepEP's default style): each receiving rank reduces its slots of a token in fp32, in k order,
+and returns ONE row per (token, rank) in y's dtype instead of one row per slot; the source starts from the bias
+in fp32 and adds the ranks' partial rows in rank order. Exactly:
+    P_r[t] = cast_y( sum_{k=0..K-1, slot (t,k) on rank r} [w[t,k] *] float(y[t,k]) )   (fp32, sequential in k)
+    out[t] = cast_y( (((float(bias[t]) + float(P_r0[t])) + float(P_r1[t])) + ...) )  (ranks holding a slot of t,
+                                                                                       in rank order)
+It moves at most as many bytes as ordered (fewer whenever a rank holds two or more slots of a token), rounds
+each partial to y's dtype, and is deterministic: tests check it bitwise against an emulation of this order.
+It is not the single-device MoE's order, so against that it is a tolerance check only. The wave schedule
+keeps the partial sums per (token, rank) across all waves, so the result does not depend on the wave size.
 
 The functions here are split in a "plan" (sender side bookkeeping), the exchanges and the reductions so that the
 wave schedule (waves.py) can reuse them per wave; ep_dispatch / ep_combine are the one-shot forms.
@@ -89,6 +96,10 @@ def check_dispatch_args(x, topk_idx, topk_weights, placement: ExpertPlacement, w
     if topk_weights.shape != topk_idx.shape or not topk_weights.dtype.is_floating_point:
         raise EPInputError(f"ep_dispatch: 'topk_weights' must be float {list(topk_idx.shape)}, got "
                            f"{list(topk_weights.shape)} {topk_weights.dtype}")
+    devices = {t.device for t in (x, topk_idx, topk_weights)}
+    if len(devices) > 1:
+        raise EPInputError(f"ep_dispatch: x, topk_idx and topk_weights must be on one device, got "
+                           f"{sorted(str(d) for d in devices)}")
     if placement.world_size != world_size:
         raise EPInputError(f"ep_dispatch: placement is for {placement.world_size} ranks, the group has "
                            f"{world_size}")
@@ -117,7 +128,8 @@ def plan_dispatch(phys: torch.Tensor, slot_mask: torch.Tensor, experts_per_rank:
         slot_k.append(tk[:, 1])
         slot_counts.append(tk.shape[0])
     per_expert = torch.bincount(phys[mask], minlength=num_physical)
-    return (torch.cat(send_token), torch.cat(local_rows) if local_rows else torch.empty(0, k, dtype=torch.int64),
+    return (torch.cat(send_token), torch.cat(local_rows) if local_rows else
+            torch.empty(0, k, dtype=torch.int64, device=phys.device),
             counts, torch.cat(slot_tok), torch.cat(slot_k), slot_counts, per_expert)
 
 
@@ -136,13 +148,15 @@ class PendingDispatch:
     work: object
     fp8: bool
 
+    comm: Comm
+
     def finish(self):
-        if self.work is not None:
-            self.work.wait()
+        self.comm.wait(self.work, "dispatch")
         h = self.handle
         got = {k: v.clone() for k, v in unpack(self.fields, self.buf).items()}   # own storage, not the buffer's
-        h.recv_src_rank = torch.repeat_interleave(torch.arange(h.world_size), torch.tensor(h.num_recv_per_rank,
-                                                                                          dtype=torch.int64))
+        dev = self.buf.device
+        h.recv_src_rank = torch.repeat_interleave(torch.arange(h.world_size, device=dev),
+                                                  torch.tensor(h.num_recv_per_rank, dtype=torch.int64, device=dev))
         h.recv_src_index = got["src"]
         h.recv_topk_idx = got["idx"]
         h.recv_topk_weights = got["w"]
@@ -160,26 +174,23 @@ def start_dispatch(comm: Comm, xs: torch.Tensor, scales: torch.Tensor | None, dt
     fields = payload_fields(xs.shape[1], k, dtype, scales is not None)
     tensors = [xs[send_token]] + ([scales[send_token]] if scales is not None else []) + \
         [local_idx, weights.float()[send_token], send_token]
-    buf, work = comm.all_to_all(pack(fields, tensors), counts, recv_counts, async_op=True)
-    if not async_op and work is not None:
-        work.wait()
+    buf, work = comm.all_to_all(pack(fields, tensors, xs.device), counts, recv_counts, "dispatch", async_op=True)
+    if not async_op:
+        comm.wait(work, "dispatch")
         work = None
     h = EPHandle(comm.rank, comm.world_size, t, xs.shape[1], dtype, phys, weights,
-                 torch.tensor(counts, dtype=torch.int64), per_expert, send_token, slot_tok, slot_k, slot_counts,
-                 num_recv_per_rank=list(recv_counts), recv_slots_per_rank=list(recv_slots))
-    return PendingDispatch(h, fields, buf, work, scales is not None)
+                 torch.tensor(counts, dtype=torch.int64, device=xs.device), per_expert, send_token, slot_tok, slot_k,
+                 slot_counts, num_recv_per_rank=list(recv_counts), recv_slots_per_rank=list(recv_slots))
+    return PendingDispatch(h, fields, buf, work, scales is not None, comm)
 
 
 def layout_counts(phys: torch.Tensor, slot_mask: torch.Tensor, experts_per_rank: int, world_size: int) -> torch.Tensor:
     """[R, 2]: (rows, slots) this rank sends to each rank for the slots in slot_mask."""
     mask = slot_mask & (phys >= 0)
     dst = torch.where(mask, phys // experts_per_rank, -1)
-    out = torch.zeros(world_size, 2, dtype=torch.int64)
-    for r in range(world_size):
-        on_r = dst == r
-        out[r, 0] = int(on_r.any(1).sum())
-        out[r, 1] = int(on_r.sum())
-    return out
+    ranks = torch.arange(world_size, device=phys.device).view(-1, 1, 1)
+    on = dst.unsqueeze(0) == ranks                                # [R, T, K]
+    return torch.stack([on.any(2).sum(1), on.sum((1, 2))], dim=1).to(torch.int64)
 
 
 def split_x(x, fp8: bool):
@@ -218,36 +229,60 @@ def ep_dispatch(x, topk_idx: torch.Tensor, topk_weights: torch.Tensor, placement
     return out
 
 
+
+
 # ----------------------------------------------------------------------------------------------- combine
-def combine_payload(y: torch.Tensor, recv_topk_idx: torch.Tensor, recv_topk_weights: torch.Tensor, mode: str,
-                    apply_weights: bool) -> torch.Tensor:
-    """Receiver side rows to send back: ordered -> one row per processed slot (row order, then k) in y's dtype;
-    partial -> one float32 row per received token, its slots summed in k order."""
-    valid = recv_topk_idx >= 0
-    if mode == "ordered":
-        return y[valid]
-    acc = torch.zeros(y.shape[0], y.shape[2], dtype=torch.float32)
-    for j in range(y.shape[1]):
-        term = y[:, j].float()
+def ordered_payload(y: torch.Tensor, recv_topk_idx: torch.Tensor) -> torch.Tensor:
+    """Receiver side rows of the ordered combine: one row per processed slot (row order, then k), y's dtype."""
+    return y[recv_topk_idx >= 0]
+
+
+def partial_rows(pieces: list[tuple], world_size: int, apply_weights: bool, dtype: torch.dtype):
+    """Receiver side rows of the partial combine, from every wave's received rows.
+
+    pieces: [(recv_src_rank [N], recv_src_index [N], recv_topk_idx [N, K], recv_topk_weights [N, K], y [N, K, H])]
+    (one per wave; a token may arrive in several waves with different slots). Returns (rows [U, H] in `dtype`, one
+    per distinct source token in (source rank, source index) order, each the fp32 sum of its slots on this rank in
+    k order; rows per source rank [R])."""
+    src_r, src_i, ks, vals, ws = [], [], [], [], []
+    for rank_of_row, index_of_row, idx, w, y in pieces:
+        rows, k = (idx >= 0).nonzero().unbind(1)
+        src_r.append(rank_of_row[rows])
+        src_i.append(index_of_row[rows])
+        ks.append(k)
+        vals.append(y[rows, k])
+        ws.append(w[rows, k])
+    device = pieces[0][4].device
+    kdim, hdim = pieces[0][4].shape[1], pieces[0][4].shape[2]
+    src_r, src_i, ks, vals, ws = (torch.cat(v) for v in (src_r, src_i, ks, vals, ws))
+    base = int(src_i.max()) + 1 if src_i.numel() else 1
+    token, inverse = torch.unique(src_r * base + src_i, sorted=True, return_inverse=True)
+    acc = torch.zeros(token.shape[0], hdim, dtype=torch.float32, device=device)
+    for j in range(kdim):                       # sequential in k, fp32; a token has at most one slot j
+        sel = ks == j
+        term = vals[sel].float()
         if apply_weights:
-            term = recv_topk_weights[:, j:j + 1].float() * term
-        acc += torch.where(valid[:, j:j + 1], term, 0)
-    return acc
+            term = ws[sel].float().unsqueeze(1) * term
+        acc[inverse[sel]] += term
+    per_rank = torch.bincount(token // base, minlength=world_size)
+    return acc.to(dtype), per_rank.tolist()
 
 
-def start_combine(comm: Comm, y: torch.Tensor, h: EPHandle, mode: str, apply_weights: bool, async_op: bool):
-    """Send the combine payload back to the sources. Returns (rows, work): rows valid after work.wait()."""
-    rows = combine_payload(y, h.recv_topk_idx, h.recv_topk_weights, mode, apply_weights)
-    if mode == "ordered":
-        send, recv = h.recv_slots_per_rank, h.slots_per_rank
-    else:
-        send, recv = h.num_recv_per_rank, h.send_counts
-    shape = tuple(rows.shape[1:])
-    buf, work = comm.all_to_all(to_bytes(rows), send, recv, async_op=True)
-    if not async_op and work is not None:
-        work.wait()
-        work = None
-    return buf, work, rows.dtype, shape
+def tokens_per_rank(phys: torch.Tensor, experts_per_rank: int, world_size: int) -> tuple[torch.Tensor, list[int]]:
+    """Sender side of the partial combine: the tokens with at least one slot on each rank, rank after rank (token
+    order within a rank), and how many per rank."""
+    dst = torch.where(phys >= 0, phys // experts_per_rank, -1)
+    toks = [(dst == r).any(1).nonzero().squeeze(1) for r in range(world_size)]
+    return torch.cat(toks), [t.numel() for t in toks]
+
+
+def add_partials(acc: torch.Tensor, send_token: torch.Tensor, counts: list[int], rows: torch.Tensor) -> None:
+    """acc [T, H] fp32 += float(partial rows), one rank's segment after the other (rank order)."""
+    start = 0
+    for n in counts:
+        seg = send_token[start:start + n]
+        acc[seg] += rows[start:start + n].float()
+        start += n
 
 
 def scatter_slots(per_slot: torch.Tensor, h: EPHandle, rows: torch.Tensor) -> None:
@@ -255,20 +290,11 @@ def scatter_slots(per_slot: torch.Tensor, h: EPHandle, rows: torch.Tensor) -> No
     per_slot[h.slot_token, h.slot_k] = rows
 
 
-def add_partials(acc: torch.Tensor, h: EPHandle, rows: torch.Tensor) -> None:
-    """acc [T, H] fp32 += partial sums, one rank's segment after the other (rank order)."""
-    start = 0
-    for n in h.send_counts:
-        seg = h.send_token[start:start + n]
-        acc[seg] += rows[start:start + n]
-        start += n
-
-
 def ordered_reduce(per_slot: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor | None,
                    bias: torch.Tensor | None) -> torch.Tensor:
     """out[t] = cast(float(bias[t]) + sum_{k=0..K-1, idx>=0} [w[t,k] *] float(y[t,k])), sequential in k, fp32."""
     t, k, hdim = per_slot.shape
-    acc = torch.zeros(t, hdim, dtype=torch.float32)
+    acc = torch.zeros(t, hdim, dtype=torch.float32, device=per_slot.device)
     if bias is not None:
         acc += bias.float()
     for j in range(k):
@@ -279,16 +305,27 @@ def ordered_reduce(per_slot: torch.Tensor, topk_idx: torch.Tensor, topk_weights:
     return acc.to(per_slot.dtype)
 
 
+def partial_reduce(acc_rows: tuple[torch.Tensor, list[int]], send_token: torch.Tensor, num_tokens: int,
+                   bias: torch.Tensor | None, dtype: torch.dtype, device) -> torch.Tensor:
+    """Source side of the partial combine: float(bias) first, then every rank's partial rows in rank order."""
+    rows, counts = acc_rows
+    acc = torch.zeros(num_tokens, rows.shape[1], dtype=torch.float32, device=device)
+    if bias is not None:
+        acc += bias.float()
+    add_partials(acc, send_token, counts, rows)
+    return acc.to(dtype)
+
+
 def ep_combine(y: torch.Tensor, handle: EPHandle, bias: torch.Tensor | None = None, mode: str = "ordered",
                apply_weights: bool = True, group=None) -> torch.Tensor:
     """Return expert outputs to their tokens and reduce.
 
     y: [N, K, H] expert outputs for the received rows of `handle` (slot j of row i is read only where
     handle.recv_topk_idx[i, j] >= 0); bias: [T, H] added first (the shared expert's output) or None;
-    mode: "ordered" (canonical, bitwise reproducible) or "partial" (per-rank fp32 pre-reduction, tolerance only);
-    apply_weights: multiply slot k by its routing weight (DeepEP style); False when the experts already applied
-    it (V4 applies the routing weight before w2).
-    Returns out [T, H] in y's dtype: cast(float(bias) + sum_k w*float(y)) summed in k order (ordered)."""
+    mode: "ordered" (canonical: equals the single-device MoE bitwise) or "partial" (per-rank fp32 partial sums
+    sent in y's dtype; exact order in the module doc); apply_weights: multiply slot k by its routing weight
+    (DeepEP style); False when the experts already applied it (V4 applies the routing weight before w2).
+    Returns out [T, H] in y's dtype."""
     if mode not in COMBINE_MODES:
         raise EPInputError(f"ep_combine: mode must be one of {COMBINE_MODES}, got {mode!r}")
     n = handle.recv_topk_idx.shape[0]
@@ -298,15 +335,15 @@ def ep_combine(y: torch.Tensor, handle: EPHandle, bias: torch.Tensor | None = No
     if bias is not None and tuple(bias.shape) != (handle.num_tokens, y.shape[2]):
         raise EPInputError(f"ep_combine: 'bias' must be [{handle.num_tokens}, {y.shape[2]}], got {list(bias.shape)}")
     comm = group if isinstance(group, Comm) else Comm(group)
-    buf, _, dtype, shape = start_combine(comm, y, handle, mode, apply_weights, async_op=False)
-    rows = from_bytes(buf, dtype, shape)
-    k = handle.topk_idx.shape[1]
     if mode == "ordered":
-        per_slot = torch.zeros(handle.num_tokens, k, y.shape[2], dtype=y.dtype)
-        scatter_slots(per_slot, handle, rows)
+        rows = ordered_payload(y, handle.recv_topk_idx)
+        buf = comm.all_to_all(to_bytes(rows), handle.recv_slots_per_rank, handle.slots_per_rank, "combine")
+        per_slot = torch.zeros(handle.num_tokens, handle.topk_idx.shape[1], y.shape[2], dtype=y.dtype,
+                               device=y.device)
+        scatter_slots(per_slot, handle, from_bytes(buf, y.dtype, tuple(rows.shape[1:])))
         return ordered_reduce(per_slot, handle.topk_idx, handle.topk_weights if apply_weights else None, bias)
-    acc = torch.zeros(handle.num_tokens, y.shape[2], dtype=torch.float32)
-    if bias is not None:
-        acc += bias.float()
-    add_partials(acc, handle, rows)
-    return acc.to(y.dtype)
+    rows, per_rank = partial_rows([(handle.recv_src_rank, handle.recv_src_index, handle.recv_topk_idx,
+                                    handle.recv_topk_weights, y)], comm.world_size, apply_weights, y.dtype)
+    buf = comm.all_to_all(to_bytes(rows), per_rank, handle.send_counts, "combine")
+    back = from_bytes(buf, y.dtype, (y.shape[2],))
+    return partial_reduce((back, handle.send_counts), handle.send_token, handle.num_tokens, bias, y.dtype, y.device)

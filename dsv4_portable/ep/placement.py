@@ -56,23 +56,27 @@ class ExpertPlacement:
         n = self.experts_per_rank
         return list(self.phy2log[rank * n:(rank + 1) * n])
 
-    def copies(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log2phy [E, maxcnt] with -1 padding, logcnt [E]): EPLB's two tables."""
+    def copies(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log2phy [E, maxcnt] with -1 padding, logcnt [E]) on `device`: EPLB's two tables."""
         lists = [[] for _ in range(self.num_experts)]
         for p, e in enumerate(self.phy2log):
             lists[e].append(p)
         width = max(len(c) for c in lists)
-        log2phy = torch.tensor([c + [-1] * (width - len(c)) for c in lists], dtype=torch.int64)
-        return log2phy, torch.tensor([len(c) for c in lists], dtype=torch.int64)
+        log2phy = torch.tensor([c + [-1] * (width - len(c)) for c in lists], dtype=torch.int64, device=device)
+        return log2phy, torch.tensor([len(c) for c in lists], dtype=torch.int64, device=device)
 
     def to_physical(self, topk_idx: torch.Tensor, rank: int) -> torch.Tensor:
-        """Logical ids [T, K] (-1 = none) of this rank's tokens -> physical ids (-1 stays -1)."""
+        """Logical ids [T, K] (-1 = none) of this rank's tokens -> physical ids (-1 stays -1).
+
+        Replica choice (deterministic, no randomness and no load feedback): token t of rank `rank` routed to a
+        logical expert with c copies takes copy (t + rank) % c, copies numbered in phy2log order. Same input, same
+        physical ids, on every run and every device."""
         if self.num_physical == self.num_experts and self.phy2log == tuple(range(self.num_experts)):
             return topk_idx.long().clone()
-        log2phy, logcnt = self.copies()
+        log2phy, logcnt = self.copies(topk_idx.device)
         idx = topk_idx.long()
         valid = idx >= 0
         safe = idx.clamp_min(0)
-        token = torch.arange(idx.shape[0], dtype=torch.int64).unsqueeze(1).expand_as(idx)
+        token = torch.arange(idx.shape[0], dtype=torch.int64, device=idx.device).unsqueeze(1).expand_as(idx)
         replica = (token + rank) % logcnt[safe]
         return torch.where(valid, log2phy[safe, replica], -1)

@@ -1,14 +1,25 @@
-"""Which EP transport would run a call, and why the others cannot (the EP counterpart of the op registry).
+"""Which EP exchange runs a MoE layer, chosen per device the way the op registry chooses op providers.
 
-`torch-dist` (the all_to_all_single transport of dispatch.py) runs everywhere torch.distributed does. DeepEP
-(CUDA) and Ascend MC2 (`npu_moe_distribute_dispatch_v2` / `npu_moe_distribute_combine_v2`) are seams: detected
-here, with the reasons they are not used. No adapter for them is written or verified yet, so `supports()` always
-declines them with that reason: nothing ever runs under their names.
+A provider runs one whole expert-parallel MoE layer (dispatch, local experts, combine) for a call described by
+`EPCall`. It has `availability()` (can it run on this machine at all) and `supports(call)` (can it run this
+call), each a list of reasons, empty meaning yes. The active backend's device type (`--device cpu|cuda|ascend`,
+`registry.active_backend()`) picks the preference order; the first available provider that supports the call
+runs, `torch-dist` being the last resort everywhere. Nothing falls back silently: a provider that raises fails
+the call, and every run records which provider and transport ran (`Comm.ran`).
+
+    torch-dist  the all_to_all_single exchange of dispatch.py / waves.py over any torch.distributed backend
+                (gloo, nccl, hccl): the ordered combine is bitwise equal to the single-device MoE.
+    mc2         Ascend `npu_moe_distribute_dispatch_v2` / `npu_moe_distribute_combine_v2` (mc2.py), A2/A3; the
+                vendor reduces in its own order, so it serves the partial (tolerance) combine only.
+    deepep      CUDA DeepEP: detected, always declined: no adapter is written because it cannot be verified
+                here (no GPU, and multi-rank DeepEP needs two or more GPUs).
+
+`EPCall` holds only facts every rank agrees on (world size, widths, the largest token count over the ranks), so
+every rank makes the same choice and issues the same collectives.
 """
 from __future__ import annotations
 
 import importlib.util
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,17 +27,56 @@ import torch
 
 
 @dataclass(frozen=True)
+class EPCall:
+    device_type: str            # the active backend's device type: cpu, cuda or npu
+    world_size: int
+    hidden: int
+    topk: int
+    num_physical: int           # physical experts (logical experts plus redundant copies)
+    experts_per_rank: int
+    max_tokens: int | None      # the largest token count over the ranks (None when no candidate needs it)
+    dtype: torch.dtype
+    fp8: bool
+    mode: str                   # "ordered" | "partial"
+    wave_size: int | None
+
+
+@dataclass(frozen=True)
 class EPProvider:
     name: str
-    device_type: str
+    device_type: str            # "cpu", "cuda", "npu" or "any"
+    fn: Callable                # fn(x, topk_idx, topk_weights, experts, shared, swiglu_limit, placement, comm,
+    #                               call, **options) -> out [T, H]
     available_fn: Callable[[], list[str]]
-    supports_fn: Callable[..., list[str]]
+    supports_fn: Callable[[EPCall], list[str]]
+    needs_max_tokens: bool = False   # supports() reads call.max_tokens (costs one small exchange per call)
 
     def availability(self) -> list[str]:
-        return self.available_fn()
+        # Not cached: a vendor module can appear (the Ascend spec stand-in) within one process.
+        return list(self.available_fn())
 
-    def supports(self, **call) -> list[str]:
-        return self.supports_fn(**call)
+    def supports(self, call: EPCall) -> list[str]:
+        return list(self.supports_fn(call))
+
+
+def _torch_dist_forward(*args, **kwargs):
+    from .moe import torch_dist_forward
+    return torch_dist_forward(*args, **kwargs)
+
+
+def _mc2_forward(*args, **kwargs):
+    from .mc2 import mc2_moe_forward
+    return mc2_moe_forward(*args, **kwargs)
+
+
+def _mc2_available() -> list[str]:
+    from .mc2 import availability
+    return availability()
+
+
+def _mc2_supports(call: EPCall) -> list[str]:
+    from .mc2 import supports
+    return supports(call)
 
 
 def _torch_dist_available() -> list[str]:
@@ -42,37 +92,60 @@ def _deepep_available() -> list[str]:
     return reasons
 
 
-def _mc2_available() -> list[str]:
-    # torch_npu is imported only by the ascend backend; never import it here (it breaks torch without CANN).
-    npu = sys.modules.get("torch_npu")
-    if npu is None:
-        return ["torch_npu is not loaded (choose --device ascend on an Ascend host)"]
-    missing = [n for n in ("npu_moe_distribute_dispatch_v2", "npu_moe_distribute_combine_v2") if not hasattr(npu, n)]
-    return [f"torch_npu lacks {', '.join(missing)}"] if missing else []
+def _deepep_supports(call: EPCall) -> list[str]:
+    return ["no DeepEP adapter is written: it could not be verified without GPUs (multi-rank DeepEP needs two or "
+            "more); torch-dist over nccl runs instead"]
 
 
-def _not_wired(what: str) -> Callable[..., list[str]]:
-    def supports(**_) -> list[str]:
-        return [f"{what} adapter not implemented in dsv4_portable yet (needs a multi-device host to verify); "
-                "the torch-dist transport runs instead"]
-    return supports
+def _deepep_forward(*args, **kwargs):
+    raise NotImplementedError("DeepEP adapter not written (providers.py: it always declines)")
 
 
-PROVIDERS = [
-    EPProvider("deepep", "cuda", _deepep_available, _not_wired("DeepEP")),
-    EPProvider("mc2", "npu", _mc2_available, _not_wired("MC2 dispatch_v2/combine_v2")),
-    EPProvider("torch-dist", "any", _torch_dist_available, lambda **_: []),
-]
+PROVIDERS = {
+    "torch-dist": EPProvider("torch-dist", "any", _torch_dist_forward, _torch_dist_available, lambda call: []),
+    "mc2": EPProvider("mc2", "npu", _mc2_forward, _mc2_available, _mc2_supports, needs_max_tokens=True),
+    "deepep": EPProvider("deepep", "cuda", _deepep_forward, _deepep_available, _deepep_supports),
+}
+PREFERENCE = {"cpu": ("torch-dist",), "cuda": ("deepep", "torch-dist"), "npu": ("mc2", "torch-dist")}
 
 
-def explain(device_type: str, **call) -> tuple[str, dict[str, list[str]]]:
-    """(provider that runs, {skipped provider: reasons}) for an EP call on device_type."""
+def candidates(device_type: str) -> list[EPProvider]:
+    if device_type not in PREFERENCE:
+        raise ValueError(f"EP: unknown device type {device_type!r} (cpu, cuda or npu)")
+    return [PROVIDERS[n] for n in PREFERENCE[device_type]]
+
+
+def select(call: EPCall, requested: str | None = None) -> tuple[EPProvider, dict[str, list[str]]]:
+    """(provider that runs, {provider skipped: reasons}). requested: one provider name, which must be able to run
+    the call (its reasons are raised otherwise)."""
+    if requested is not None:
+        if requested not in PROVIDERS:
+            raise ValueError(f"EP: unknown provider {requested!r} (known: {', '.join(PROVIDERS)})")
+        p = PROVIDERS[requested]
+        if p.device_type not in (call.device_type, "any"):
+            raise ValueError(f"EP: provider {requested} runs on {p.device_type}, the active device is "
+                             f"{call.device_type}")
+        reasons = p.availability() or p.supports(call)
+        if reasons:
+            raise ValueError(f"EP: provider {requested} cannot run this call: {'; '.join(reasons)}")
+        return p, {}
     skipped = {}
-    for p in PROVIDERS:
-        if p.device_type not in (device_type, "any"):
-            continue
-        reasons = p.availability() or p.supports(**call)
+    for p in candidates(call.device_type):
+        reasons = p.availability() or p.supports(call)
         if not reasons:
-            return p.name, skipped
+            return p, skipped
         skipped[p.name] = reasons
-    raise RuntimeError(f"no EP transport can run here: {skipped}")
+    raise RuntimeError(f"EP: no provider can run this call: {skipped}")   # unreachable: torch-dist supports all
+
+
+def explain(call: EPCall) -> list[tuple[str, str, list[str]]]:
+    """[(provider, "chosen" | "skipped" | "not reached", reasons)] for this call, in preference order."""
+    out, chosen = [], False
+    for p in candidates(call.device_type):
+        if chosen:
+            out.append((p.name, "not reached", []))
+            continue
+        reasons = p.availability() or p.supports(call)
+        out.append((p.name, "skipped" if reasons else "chosen", reasons))
+        chosen = not reasons
+    return out

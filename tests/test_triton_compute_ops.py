@@ -539,6 +539,83 @@ def test_cpu_tensors_are_declined_outside_the_interpreter():
     assert any("runs on cuda" in r for r in reasons), reasons
 
 
+# ---- supports() on GPUs this machine does not have: the capability lookups are stand-ins (monkeypatch)
+def _load_cuda_providers():
+    import dsv4_portable as dsv4
+    dsv4.BACKENDS["cuda"].load_providers()
+
+
+def test_deep_gemm_declines_what_its_kernels_reject(monkeypatch):
+    """SM90: DeepGEMM's FP8 GEMM writes bf16 only, so fp32 activations (fp32 output) are declined. SM100: fp32
+    weight scales are packed to UE8M0 (exponent kept), so scales that are not powers of two are declined; the
+    check runs once per weight tensor and again after an in-place change."""
+    _load_cuda_providers()
+    from dsv4_portable import ops
+    from dsv4_portable.backends.cuda import vendor
+    sup = ops.fp8_linear.provider("deep_gemm", "cuda").supports
+    w = torch.zeros(128, 256, dtype=torch.float8_e4m3fn)
+    pow2, odd = torch.full((1, 2), 2.0 ** -7), torch.tensor([[2.0 ** -7, 0.75 * 2.0 ** -7]])
+    monkeypatch.setattr(vendor, "capability", lambda: (9, 0))
+    assert any("SM90" in r and "bf16" in r for r in sup(torch.zeros(4, 256), w, pow2))
+    assert not any("SM90" in r for r in sup(torch.zeros(4, 256, dtype=torch.bfloat16), w, odd))
+    monkeypatch.setattr(vendor, "capability", lambda: (10, 0))
+    x = torch.zeros(4, 256, dtype=torch.bfloat16)
+    assert not any("SM90" in r for r in sup(x.float(), w, pow2))
+    assert any("not powers of two" in r for r in sup(x, w, odd))
+    assert not any("powers of two" in r for r in sup(x, w, pow2))
+    assert not any("powers of two" in r for r in sup(x, w, odd.to(torch.float8_e8m0fnu)))
+    pow2[0, 1] = 3.0 * 2.0 ** -8                      # in place: the cached answer must not be reused
+    assert any("not powers of two" in r for r in sup(x, w, pow2))
+    assert any("scale_fmt None" in r for r in sup(x, w, torch.ones(1, 2), None))
+
+
+def test_flash_mla_declines_decode_and_copies(monkeypatch):
+    """flash_mla_sparse_fwd (FlashMLA's prefill kernel) runs one thread block per query and 64 heads: decode at
+    small batch is declined (the Triton split-K kernel fills the GPU), prefill is not; a kv that would be copied
+    by the [B*N, 1, D] flattening is declined."""
+    _load_cuda_providers()
+    from dsv4_portable import ops
+    from dsv4_portable.backends.cuda import vendor
+    sup = ops.sparse_attn.provider("flash_mla", "cuda").supports
+    sms = vendor.num_sms(torch.device("cpu"))
+    kv = torch.zeros(2, 300, 512, dtype=torch.bfloat16)
+    sink = torch.zeros(64)
+
+    def reasons(b, s, kv=kv[:1]):
+        return sup(torch.zeros(b, s, 64, 512, dtype=torch.bfloat16), kv, sink,
+                   torch.zeros(b, s, 128, dtype=torch.int32), 0.04)
+    assert any("decode-sized" in r and f"{sms} SMs" in r for r in reasons(1, 1))
+    assert not any("decode-sized" in r for r in reasons(1, 512))
+    assert any("would copy" in r for r in reasons(2, 1, kv[:, :200]))
+    assert not any("would copy" in r for r in reasons(1, 1, kv[:1, :200]))
+    assert vendor.flash_mla_sparse_ctas(1, 1, 64) == 1 and vendor.flash_mla_sparse_ctas(3, 2, 128) == 12
+
+
+def test_fp4_kernels_need_e4m3_capability(monkeypatch):
+    """fp4_linear and FP4 experts load e4m3 activations (Triton's fp8e4nv: sm89+): an sm80 GPU is declined
+    with the reason instead of failing to compile at the first call."""
+    _load_cuda_providers()
+    from dsv4_portable import ops
+    from dsv4_portable.backends.cuda import gemm, moe
+    from dsv4_portable.reference.moe import ExpertWeights
+    from dsv4_portable.reference.quant import quant_fp4_weight
+    if torch.cuda.is_available():
+        pytest.skip("a real GPU: its own capability decides")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    w, ws = quant_fp4_weight(torch.randn(64, 256))
+    x = torch.randn(2, 256)
+    ew = ExpertWeights("fp4", *(torch.stack([w.view(torch.uint8)] * 2) for _ in range(3)),
+                       *(torch.stack([ws] * 2) for _ in range(3)))
+    for cap, declined in (((8, 0), True), ((8, 9), False), ((9, 0), False)):
+        monkeypatch.setattr(gemm, "capability", lambda: cap)
+        monkeypatch.setattr(moe, "capability", lambda: cap)
+        r = ops.fp4_linear.provider("triton", "cuda").supports(x, w, ws)
+        assert any("8.9" in m for m in r) == declined, (cap, r)
+        r = ops.moe_experts.provider("triton", "cuda").supports(x, torch.zeros(2, 1, dtype=torch.long),
+                                                                torch.ones(2, 1), ew, None, 0.0)
+        assert any("8.9" in m for m in r) == declined, (cap, r)
+
+
 def test_route_plan_tiles_every_slot_once():
     """The MoE tile plan (pure torch, runs here without triton): every valid (token, slot) pair lands in
     exactly one tile of its expert, in (token, k) order, within the precomputed tile bound."""

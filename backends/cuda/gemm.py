@@ -80,7 +80,8 @@ def _supports_fp8(x, w, w_scale, scale_fmt="ue8m0"):
 
 
 def _supports_fp4(x, w, w_scale, scale_fmt="ue8m0"):
-    return _common_reasons(x, w, w_scale, (8, 0), "bf16 tl.dot")
+    # bf16 products, but the kernel loads the e4m3 activations: Triton's fp8e4nv type needs sm89+
+    return _common_reasons(x, w, w_scale, (8, 9), "loading e4m3 activations (fp8e4nv)")
 
 
 def _scale_arg(w_scale: torch.Tensor) -> tuple[torch.Tensor, bool]:

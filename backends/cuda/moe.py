@@ -105,8 +105,10 @@ def _weight_reasons(ew: ExpertWeights, name: str) -> list[str]:
             reasons.append(f"{name}: s1 and s3 must share a dtype (one gate/up launch)")
         if ew.scale_fmt not in ("ue8m0", None):
             reasons.append(f"{name}: scale_fmt {ew.scale_fmt!r} not supported")
-        if ew.fmt == "fp8" and not interpret_mode() and torch.cuda.is_available() and capability() < (8, 9):
-            reasons.append(f"{name}: fp8 experts need compute capability >= 8.9 (fp8 tl.dot)")
+        if not interpret_mode() and torch.cuda.is_available() and capability() < (8, 9):
+            # fp8: fp8 tl.dot; fp4: the kernels load e4m3 activations (Triton's fp8e4nv type needs sm89+)
+            reasons.append(f"{name}: {ew.fmt} experts need compute capability >= 8.9 (e4m3 activations), this GPU "
+                           f"is {capability()[0]}.{capability()[1]}")
     for f in ("w1", "w2", "w3", "s1", "s2", "s3"):
         t = getattr(ew, f)
         if t is not None and not t.is_contiguous():

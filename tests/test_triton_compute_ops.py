@@ -230,6 +230,84 @@ def check_sparse_attn_dtypes():
             _assert_tol("sparse_attn", out, ref, 128, f"sparse_attn {dt} {shape}")
 
 
+def _window_case(g, b, s, h, d, w, p0, ratio, n_extra=2, k=None, dt=torch.float32):
+    """A window_sparse_attn step at positions p0..p0+s-1 with a w-slot ring, and for ratio > 0 the compressed
+    entries (n_extra more than are visible: they must never be read) stored as a slice of a longer store, so
+    comp is not contiguous; k: CSA top-k length (None: HCA)."""
+    q = torch.randn(b, s, h, d, generator=g).to(dt)
+    ring = torch.randn(b, w, d, generator=g).to(dt)
+    kv = torch.randn(b, s, d, generator=g).to(dt)
+    sink = torch.randn(h, generator=g)
+    comp = topk = None
+    if ratio:
+        n = (p0 + s) // ratio + n_extra
+        comp = torch.randn(b, n + 5, d, generator=g).to(dt)[:, :n]
+        if k is not None:
+            topk = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(b * s)]).view(b, s, k).int()
+            topk[:, :, -1] = -1                          # padding
+            topk[:, 0, 0] = n - 1                        # an entry no query can see yet
+    return q, ring, kv, comp, topk, sink, d ** -0.5, p0, ratio
+
+
+def check_window_sparse_attn():
+    """The in-place kernel against the reference (which gathers [window | kv | comp] and runs sparse_attn):
+    prefill longer than the window (rows from kv and the ring in one block), chunked prefill, decode across the
+    ring wrap, HCA before/after the first entry, CSA with padding and invisible entries, a window that is not a
+    multiple of the kv block, sinks -inf / +inf / huge, split and unsplit launches, fp16/bf16; and no workspace."""
+    from dsv4_portable.reference import attention as ref_attn
+    g = _gen(14)
+    log, recording = _launch_log()
+    real_workspace = ref_attn.window_workspace
+    cases = [  # (b, s, h, d, w, p0, ratio, k, dtype, label)
+        (1, 40, 4, 64, 16, 0, 0, None, torch.float32, "window-only prefill longer than the window"),
+        (2, 5, 4, 64, 16, 13, 0, None, torch.float32, "chunked prefill: ring and new rows in one block"),
+        (1, 1, 4, 64, 40, 97, 0, None, torch.float32, "decode across the ring wrap, window not a multiple of 32"),
+        (1, 1, 4, 64, 16, 5, 8, None, torch.float32, "HCA decode before the first entry"),
+        (2, 1, 4, 64, 16, 300, 4, None, torch.float32, "HCA decode over many entries (split-K)"),
+        (1, 12, 4, 64, 16, 3, 4, None, torch.float32, "HCA chunked prefill"),
+        (2, 1, 4, 64, 16, 400, 4, 70, torch.float32, "CSA decode (split-K)"),
+        (1, 9, 20, 64, 16, 0, 4, 3, torch.float32, "CSA prefill, 20 heads (a masked head block)"),
+        (1, 1, 16, 128, 32, 120, 4, 24, torch.float16, "CSA decode fp16"),
+        (1, 3, 16, 128, 32, 60, 128, None, torch.bfloat16, "HCA bf16"),
+    ]
+
+    def no_workspace(*a, **k):
+        raise AssertionError("the Triton provider must not build the [window | kv | comp] workspace")
+    for b, s, h, d, w, p0, ratio, k, dt, label in cases:
+        args = _window_case(g, b, s, h, d, w, p0, ratio, k=k, dt=dt)
+        if label.startswith("HCA decode over"):
+            args[5][:2] = torch.tensor([float("-inf"), float("inf")])
+            args[5][2] = 80.0
+        log.clear()
+        ref_attn.window_workspace = no_workspace
+        try:
+            with recording():
+                out = ops_run("window_sparse_attn", *args)
+        finally:
+            ref_attn.window_workspace = real_workspace
+        ref = ops_ref("window_sparse_attn", *args)
+        _assert_tol("window_sparse_attn", out, ref, w + s + (k or 0), label)
+        split = any(n == "sparse_attn_combine_kernel" for n, _, _ in log)
+        if "split-K" in label:
+            assert split, f"{label}: the split path did not run"
+        if label.startswith("HCA decode over"):
+            assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1])), "sink +inf must give 0"
+    # B*S = 0
+    args = _window_case(g, 1, 0, 4, 64, 16, 3, 4)
+    assert ops_run("window_sparse_attn", *args).shape == (1, 0, 4, 64)
+
+
+def ops_run(op_name, *args):
+    from dsv4_portable.registry import get_op
+    dev = _dev()
+    return get_op(op_name).run("triton", *[_on(a, dev) for a in args], device_type="cuda").cpu()
+
+
+def ops_ref(op_name, *args):
+    from dsv4_portable.registry import get_op
+    return get_op(op_name).run("reference", *[_cpu(a) for a in args])
+
+
 def check_split_plan():
     from dsv4_portable.backends.cuda.attention import BLOCK_N, plan_splits
     for programs, k, sms, rows in ((1, 640, 132, 128), (2, 640, 132, 128), (128, 640, 132, 128),

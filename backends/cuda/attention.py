@@ -11,8 +11,8 @@ faster at V4 decode shapes is for the GPU benchmark to decide: MAX_HEAD_BLOCK.)
 
 Split-K: decode has one query per sequence, so (batch x head blocks) programs cannot fill the GPU. When the
 grid would cover less than half the SMs, the index list is cut into contiguous splits (whole BLOCK_N blocks, at
-least MIN_SPLIT_ROWS rows each: a split's fp32 partial, BLOCK_H x D x 4 bytes, should stay well below the
-kv bytes it reads); each split writes (acc, max, sum) and a small combine kernel merges them in split order and
+least MIN_SPLIT_ROWS rows each: a split's fp32 partial, BLOCK_H x D x 4 bytes, is about the kv bytes it reads
+and stays in L2 until the combine); each split writes (acc, max, sum) and a small combine kernel merges them in split order and
 applies the sink. Large batches and prefill run unsplit, so the split count depends on the batch size and the
 last bits of a query's result may differ between split and unsplit launches (the op's tolerance covers it; the
 reference's bitwise batch invariance is not claimed here).
@@ -44,7 +44,11 @@ from .launch_helpers import num_sms
 BLOCK_N = 32          # kv rows per step
 MAX_HEAD_BLOCK = 32   # heads per program
 MAX_D = 512           # fp32 accumulator BLOCK_H x D must fit the register file
-MIN_SPLIT_ROWS = 128  # smallest split on a GPU (the interpreter allows one block, to test many splits)
+# Smallest split on a GPU (the interpreter allows one block, to test many splits). A split of 64 rows reads
+# 64 KB of bf16 kv (D = 512) and writes a 64 KB fp32 partial per 32-head block; a decode batch's partials
+# (B = 1, V4 CSA: 2 head blocks x 10 splits x 64 KB) stay in L2 for the combine, and B = 1 gets 20 programs
+# instead of the 10 that 128-row splits allow (analysis; not measured on a GPU).
+MIN_SPLIT_ROWS = 64
 
 
 def _kernels():
@@ -54,6 +58,16 @@ def _kernels():
 
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
+
+
+def launch_config(dtype: torch.dtype, h: int, d: int) -> tuple[int, int, int]:
+    """(BLOCK_H, num_warps, num_stages). 16-bit q: up to MAX_HEAD_BLOCK heads, two stages. fp32 q multiplies
+    in exact fp32 on FMA units, which keeps its operands in registers and shared memory at 4 bytes: 16 heads and
+    one stage (offline sm90 compile at D = 512: ~100 KB shared memory, no spills; 32 heads spill and need
+    ~135 KB, TF32x3 needs more still)."""
+    cap, stages = (16, 1) if dtype == torch.float32 else (MAX_HEAD_BLOCK, 2)
+    block_h = min(cap, max(16, _next_pow2(h)))
+    return block_h, 8 if block_h * d >= 8192 else 4, stages
 
 
 def plan_splits(programs: int, k: int, sms: int, min_rows: int) -> tuple[int, int]:
@@ -100,7 +114,7 @@ def sparse_attn_triton(q, kv, sink, idx, scale):
         return out
     interp = interpret_mode()
     dot_dt = tl.float32 if interp else tl_dtype(q.dtype)
-    block_h = min(MAX_HEAD_BLOCK, max(16, _next_pow2(h)))
+    block_h, warps, stages = launch_config(q.dtype, h, d)
     n_hblocks = -(-h // block_h)
     n_splits, per = plan_splits(b * s * n_hblocks, k, num_sms(q.device), BLOCK_N if interp else MIN_SPLIT_ROWS)
     split = n_splits > 1
@@ -113,7 +127,7 @@ def sparse_attn_triton(q, kv, sink, idx, scale):
            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), idx.stride(0), idx.stride(1),
            out.stride(0), out.stride(1), out.stride(2),
            SPLIT=split, DOT_DT=dot_dt, PREC=dot_precision(dot_dt), BLOCK_H=block_h, BLOCK_N=BLOCK_N,
-           BLOCK_D=_next_pow2(d), num_warps=8 if block_h * d >= 8192 else 4, num_stages=2, **meta)
+           BLOCK_D=_next_pow2(d), num_warps=warps, num_stages=stages, **meta)
     if split:
         _combine(part_o, part_ml, sink, out, n_splits, **meta)
     return out
@@ -169,7 +183,7 @@ def window_sparse_attn_triton(q, window, kv, comp, topk, sink, scale, start_pos,
     topk_t = topk if mode == 2 else sink
     interp = interpret_mode()
     dot_dt = tl.float32 if interp else tl_dtype(q.dtype)
-    block_h = min(MAX_HEAD_BLOCK, max(16, _next_pow2(h)))
+    block_h, warps, stages = launch_config(q.dtype, h, d)
     n_hblocks = -(-h // block_h)
     n_splits, per = plan_splits(b * s * n_hblocks, w_pad + kc, num_sms(q.device),
                                 BLOCK_N if interp else MIN_SPLIT_ROWS)
@@ -182,7 +196,7 @@ def window_sparse_attn_triton(q, window, kv, comp, topk, sink, scale, start_pos,
            comp_t.stride(0), comp_t.stride(1), topk_t.stride(0) if mode == 2 else 0,
            topk_t.stride(1) if mode == 2 else 0, out.stride(0), out.stride(1), out.stride(2),
            MODE=mode, SPLIT=n_splits > 1, DOT_DT=dot_dt, PREC=dot_precision(dot_dt), BLOCK_H=block_h,
-           BLOCK_N=BLOCK_N, BLOCK_D=_next_pow2(d), num_warps=8 if block_h * d >= 8192 else 4, num_stages=2, **meta)
+           BLOCK_N=BLOCK_N, BLOCK_D=_next_pow2(d), num_warps=warps, num_stages=stages, **meta)
     if n_splits > 1:
         _combine(part_o, part_ml, sink, out, n_splits, **meta)
     return out

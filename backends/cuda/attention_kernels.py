@@ -45,7 +45,7 @@ def _finish(acc, m_i, l_i, pid_q, pid_sp, n_splits, b, s, offs_h, offs_d, mask_h
         tl.store(o_ptrs, cast_out(o, OUT_DT, INTERPRET), mask=mask_h[:, None] & mask_d[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "K"])   # kv rows and list length change between steps
 def sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, out_ptr, part_o_ptr, part_ml_ptr,
                        S, H, N, K, D, scale, blocks_per_split, n_splits, n_hblocks,
                        stride_qb, stride_qs, stride_qh, stride_kvb, stride_kvn, stride_ib, stride_is,
@@ -86,7 +86,7 @@ def sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, out_ptr, part_o_ptr, pa
             part_o_ptr, part_ml_ptr, stride_ob, stride_os, stride_oh, SPLIT, OUT_DT, INTERPRET)
 
 
-@triton.jit(do_not_specialize=["start_pos", "N", "KC"])
+@triton.jit(do_not_specialize=["start_pos", "N", "KC"])   # change every step
 def window_sparse_attn_kernel(q_ptr, win_ptr, kv_ptr, comp_ptr, topk_ptr, sink_ptr, out_ptr, part_o_ptr,
                               part_ml_ptr, S, H, W, W_PAD, N, KC, D, scale, start_pos, ratio, blocks_per_split,
                               n_splits, n_hblocks, stride_qb, stride_qs, stride_qh, stride_wb, stride_wn,
@@ -104,14 +104,14 @@ def window_sparse_attn_kernel(q_ptr, win_ptr, kv_ptr, comp_ptr, topk_ptr, sink_p
       j in [W_PAD, W_PAD+KC) compressed entry c = j - W_PAD (MODE 1, HCA: every entry) or c = topk[j - W_PAD]
                              (MODE 2, CSA); valid iff 0 <= c < N and c < (p + 1) // ratio.
     MODE 0 (window-only layer) has no compressed segment. The order is the reference's [window | compressed]
-    list (window_workspace), so the online softmax sees the same rows in the same order; blocks that hold no
-    valid entry for this query (window positions before 0, HCA entries not yet visible) are not visited."""
+    list (window_workspace), so the online softmax sees the same rows in the same order; rows that cannot be
+    valid for this query (window positions before 0, HCA entries not yet visible) are not visited."""
     pid_h = tl.program_id(0) % n_hblocks
     pid_q = (tl.program_id(0) // n_hblocks).to(tl.int64)
     pid_sp = tl.program_id(1)
     b = pid_q // S
     s = pid_q % S
-    p = start_pos + s
+    p = start_pos + s.to(tl.int32)     # int32 positions: the block loops' induction variables stay 32-bit
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     mask_h = offs_h < H
@@ -124,34 +124,41 @@ def window_sparse_attn_kernel(q_ptr, win_ptr, kv_ptr, comp_ptr, topk_ptr, sink_p
     acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
     k_begin = pid_sp * blocks_per_split * BLOCK_N
     k_end = tl.minimum(W_PAD + KC, k_begin + blocks_per_split * BLOCK_N)
-
-    # window segment: skip the blocks whose positions are all before 0 (early prefill queries)
-    first_valid = tl.maximum(W - 1 - p, 0)
+    # Three loops, one per source, each over its part of this split's range, so every gather has a single base
+    # pointer (a per-row choice between two tensors, tl.where on pointers, keeps Triton from pipelining it).
+    # Window slot j holds position p - W + 1 + j: slots [first, ring_end) are older than this step (ring slot
+    # position % W), slots [ring_end, W) are this step's rows j + s - W + 1 (up to row s, the query's own).
+    s32 = s.to(tl.int32)
+    first = tl.maximum(W - 1 - p, 0)                  # slots before are positions < 0
+    ring_end = tl.maximum(W - 1 - s32, 0)             # >= first, as p >= s
+    d_mask = mask_d[None, :]
     win_b = win_ptr + b * stride_wb
-    kv_b = kv_ptr + b * stride_kb
-    for k0 in range(tl.maximum(k_begin, (first_valid // BLOCK_N) * BLOCK_N), tl.minimum(k_end, W_PAD), BLOCK_N):
+    ring_lo = tl.maximum(k_begin, first)
+    ring_hi = tl.minimum(k_end, ring_end)
+    for k0 in range(ring_lo, ring_hi, BLOCK_N):
         j = k0 + tl.arange(0, BLOCK_N)
-        pj = p - W + 1 + j
-        valid = (j < W) & (pj >= 0)
-        in_ring = pj < start_pos
-        slot = tl.where(pj > 0, pj, 0) % W
-        d_mask = mask_d[None, :]
-        ring = tl.load(win_b + slot[:, None].to(tl.int64) * stride_wn + offs_d[None, :],
-                       mask=(valid & in_ring)[:, None] & d_mask, other=0.0)
-        new = tl.load(kv_b + (pj - start_pos)[:, None].to(tl.int64) * stride_ks + offs_d[None, :],
-                      mask=(valid & ~in_ring)[:, None] & d_mask, other=0.0)
-        rows = tl.where(in_ring[:, None], ring, new)
+        valid = j < ring_hi
+        slot = (p - W + 1 + j) % W                    # >= 0 where valid
+        rows = tl.load(win_b + slot[:, None].to(tl.int64) * stride_wn + offs_d[None, :],
+                       mask=valid[:, None] & d_mask, other=0.0)
         m_i, l_i, acc = _attend_block(q, rows, valid, m_i, l_i, acc, scale, DOT_DT, PREC)
-
-    # compressed segment
+    kv_b = kv_ptr + b * stride_kb
+    new_lo = tl.maximum(k_begin, ring_end)
+    new_hi = tl.minimum(k_end, W)
+    for k0 in range(new_lo, new_hi, BLOCK_N):
+        j = k0 + tl.arange(0, BLOCK_N)
+        valid = j < new_hi
+        rows = tl.load(kv_b + (j + s32 - W + 1)[:, None].to(tl.int64) * stride_ks + offs_d[None, :],
+                       mask=valid[:, None] & d_mask, other=0.0)
+        m_i, l_i, acc = _attend_block(q, rows, valid, m_i, l_i, acc, scale, DOT_DT, PREC)
     if MODE > 0:
         vis = tl.minimum((p + 1) // ratio, N)          # entries c < vis are visible and exist
-        c_end = k_end
+        c_hi = k_end
         if MODE == 1:
-            c_end = tl.minimum(c_end, W_PAD + vis)     # HCA: only the visible prefix of the entries
+            c_hi = tl.minimum(c_hi, W_PAD + vis)       # HCA: only the visible prefix of the entries
         comp_b = comp_ptr + b * stride_cb
         topk_row = topk_ptr + b * stride_tb + s * stride_ts
-        for k0 in range(tl.maximum(k_begin, W_PAD), c_end, BLOCK_N):
+        for k0 in range(tl.maximum(k_begin, W_PAD), c_hi, BLOCK_N):
             jc = k0 - W_PAD + tl.arange(0, BLOCK_N)
             if MODE == 2:
                 c = tl.load(topk_row + jc, mask=jc < KC, other=-1)
@@ -159,7 +166,7 @@ def window_sparse_attn_kernel(q_ptr, win_ptr, kv_ptr, comp_ptr, topk_ptr, sink_p
                 c = jc
             valid = (c >= 0) & (c < vis) & (jc < KC)
             rows = tl.load(comp_b + c[:, None].to(tl.int64) * stride_cn + offs_d[None, :],
-                           mask=valid[:, None] & mask_d[None, :], other=0.0)
+                           mask=valid[:, None] & d_mask, other=0.0)
             m_i, l_i, acc = _attend_block(q, rows, valid, m_i, l_i, acc, scale, DOT_DT, PREC)
     _finish(acc, m_i, l_i, pid_q, pid_sp, n_splits, b, s, offs_h, offs_d, mask_h, mask_d, H, D, sink_ptr, out_ptr,
             part_o_ptr, part_ml_ptr, stride_ob, stride_os, stride_oh, SPLIT, OUT_DT, INTERPRET)

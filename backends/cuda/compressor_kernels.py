@@ -77,7 +77,7 @@ def _pool_rows(m_run, l_run, acc, kv_rows, sc_rows, kvs_rows, scs_rows, ape_ptr,
     return m_run, l_run, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["start_pos", "w0", "n_new", "state_base"])   # change every step
 def compress_entry_kernel(kv_ptr, sc_ptr, kvs_ptr, scs_ptr, ape_ptr, nw_ptr, cos_ptr, sin_ptr, out_ptr,
                           S, start_pos, w0, n_new, state_base, state_rows, C, d, d_f, ratio, nope, cos_stride,
                           sin_stride, eps, hadamard_scale,
@@ -158,7 +158,7 @@ def _state_row(kv_rows, sc_rows, kvs_rows, scs_rows, ape_ptr, p, c, cm, start_po
     return kv, sc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["start_pos", "wt", "n_new", "state_base"])
 def compress_state_kernel(kv_ptr, sc_ptr, kvs_ptr, scs_ptr, ape_ptr, S, start_pos, wt, n_new, state_base,
                           state_rows, C, ratio, OVERLAP: tl.constexpr, BLOCK_C: tl.constexpr):
     b = tl.program_id(0)

@@ -157,6 +157,37 @@ def check_float_linear():
         _assert_tol("grouped_linear", out, ref, 96, f"grouped_linear {dt}")
 
 
+def check_gemm_split_k():
+    """Small M with a long K: the plan splits K (the interpreter's virtual GPU has 8 SMs) and the fixed-order
+    reduce runs; fp8_linear, linear and grouped_linear stay within tolerance, every M of a bucket gives a row
+    the same bits, and the grouped product is one launch."""
+    from dsv4_portable.reference.quant import quant_fp8_weight
+    g = _gen(15)
+    log, recording = _launch_log()
+    x = (torch.randn(5, 1024, generator=g) * 2).to(torch.bfloat16)
+    w, ws = quant_fp8_weight(torch.randn(64, 1024, generator=g) * 0.05)
+    with recording():
+        out, ref = _run_both("fp8_linear", x, w, ws)
+    _assert_tol("fp8_linear", out, ref, 1024, "fp8_linear split-K")
+    one, _ = _run_both("fp8_linear", x[2:3], w, ws)
+    assert torch.equal(one, out[2:3]), "fp8_linear: a row differs between M=5 and M=1 (same bucket)"
+    for xdt, wdt in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)):
+        xf = torch.randn(3, 1024, generator=g).to(xdt)
+        wf = (torch.randn(40, 1024, generator=g) * 0.05).to(wdt)
+        with recording():
+            out, ref = _run_both("linear", xf, wf)
+        _assert_tol("linear", out, ref, 1024, f"linear split-K {xdt}")
+        xg = torch.randn(2, 3, 4, 1024, generator=g).to(xdt)
+        wg = (torch.randn(4, 24, 1024, generator=g) * 0.05).to(wdt)
+        with recording():
+            out, ref = _run_both("grouped_linear", xg, wg)
+        _assert_tol("grouped_linear", out, ref, 1024, f"grouped_linear split-K {xdt}")
+    names = [n for n, _, _ in log]
+    assert names.count("splitk_reduce_kernel") >= 4, names
+    grids = [grid for n, grid, _ in log if n == "float_gemm_kernel"]
+    assert (grids[-1][1], grids[-1][2]) > (1, 3), f"grouped_linear: one launch with 4 groups and K splits {grids}"
+
+
 def check_fp4_to_fp8_conversion():
     """The load-time conversion is exact: the reference gives the same bits for the FP4 weight and for its FP8
     conversion, and the Triton FP8 GEMM on the converted weight matches within tolerance."""
@@ -448,19 +479,23 @@ def check_moe_batch_invariance():
         w = torch.rand(t, 3, generator=g).to(dev)
         exd, shd = _on(ex, dev), _on(sh, dev)
         from dsv4_portable import ops
+        def launches():
+            """The call's launches in order: kernel, format and tile constexprs (not the grid)."""
+            got = [(name, meta.get("FMT"), tuple((k, str(v)) for k, v in sorted(meta.items()) if k.startswith("BLOCK")))
+                   for name, _, meta in log]
+            log.clear()
+            return got
+        log.clear()
         with recording():
             full = ops.moe_experts.run("triton", x, idx, w, exd, shd, 10.0, device_type="cuda")
+        plan = launches()
         for sel in ([5], [69, 3, 17], list(range(0, t, 2)), list(range(t - 1, -1, -1))):
             sel = torch.tensor(sel, device=dev)
             with recording():
                 part = ops.moe_experts.run("triton", x[sel], idx[sel], w[sel], exd, shd, 10.0, device_type="cuda")
             assert torch.equal(part, full[sel]), f"{fmt}: rows changed with the batch ({len(sel)} of {t} tokens)"
-    # structural rule: the tile constexprs of every launch are the same whatever T is
-    tiles = {}
-    for name, _, meta in log:
-        tiles.setdefault((name, meta.get("FMT")), set()).add(
-            tuple((k, str(v)) for k, v in sorted(meta.items()) if k.startswith("BLOCK")))
-    assert all(len(v) == 1 for v in tiles.values()), f"tile shapes depend on T: {tiles}"
+            # structural rule: the same launches with the same tile constexprs whatever T is
+            assert launches() == plan, f"{fmt}: tile shapes depend on T"
 
 
 def check_moe_fp4_as_fp8():
@@ -620,6 +655,26 @@ def test_cpu_tensors_are_declined_outside_the_interpreter():
     w = torch.zeros(64, 128, dtype=torch.float8_e4m3fn)
     reasons = ops.fp8_linear.provider("triton", "cuda").supports(x, w, torch.ones(1, 1))
     assert any("runs on cuda" in r for r in reasons), reasons
+
+
+def test_gemm_plan_fills_the_gpu():
+    """plan_tiles on a 132-SM GPU at V4-Flash shapes: decode and serving-batch GEMMs get >= 128 programs through
+    narrower tiles and K splits; prefill GEMMs keep 128 x 128 tiles unsplit; the plan depends on M only through
+    its bucket."""
+    from dsv4_portable.backends.cuda.gemm import m_bucket, plan_tiles
+
+    def programs(m, n, k):
+        c = plan_tiles(m, n, 132, k // 128)
+        return -(-m // c["BLOCK_M"]) * -(-n // c["BLOCK_N"]) * c["SPLIT_K"], c
+    for m, n, k in ((1, 512, 4096), (16, 1024, 4096), (48, 512, 4096), (128, 1024, 4096), (128, 512, 4096),
+                    (256, 4096, 8192), (96, 1024, 4096)):
+        p, c = programs(m, n, k)
+        assert p >= 128, (m, n, k, c)
+    p, c = programs(4096, 4096, 4096)
+    assert (c["BLOCK_M"], c["BLOCK_N"], c["SPLIT_K"]) == (128, 128, 1), c
+    assert [m_bucket(m) for m in (1, 16, 17, 64, 65, 128, 129, 4096)] == [16, 16, 64, 64, 128, 128, 256, 4096]
+    for a, b in ((1, 16), (17, 64), (65, 128), (700, 1024)):
+        assert plan_tiles(a, 512, 132, 32) == plan_tiles(b, 512, 132, 32), (a, b)
 
 
 def test_step_varying_ints_are_not_specialised():

@@ -123,12 +123,18 @@ def compute_cases():
         cases.append((f"fp8_linear M={m} N=4096 K=4096", "fp8_linear",
                       (torch.empty(m, 4096, dtype=bf16, **meta), torch.empty(4096, 4096, dtype=fp8, **meta),
                        torch.empty(32, 32, dtype=torch.float8_e8m0fnu, **meta))))
+    cases.append(("fp8_linear M=128 N=512 K=4096 (wkv at a serving batch: 64x64 tiles, split K)", "fp8_linear",
+                  (torch.empty(128, 4096, dtype=bf16, **meta), torch.empty(512, 4096, dtype=fp8, **meta),
+                   torch.empty(4, 32, dtype=torch.float8_e8m0fnu, **meta))))
     cases.append(("fp8_linear M=4096 fp32 weight scales (Base checkpoints)", "fp8_linear",
                   (torch.empty(4096, 4096, dtype=bf16, **meta), torch.empty(4096, 4096, dtype=fp8, **meta),
                    torch.empty(32, 32, dtype=torch.float32, **meta))))
     for m in (1, 4096):
         cases.append((f"linear bf16 M={m} N=1024 K=4096 (bf16 weight mode)", "linear",
                       (torch.empty(m, 4096, dtype=bf16, **meta), torch.empty(1024, 4096, dtype=bf16, **meta))))
+    for t in (1, 4096):
+        cases.append((f"grouped_linear wo_a T={t} G=8 N=1024 K=4096 (bf16)", "grouped_linear",
+                      (torch.empty(t, 8, 4096, dtype=bf16, **meta), torch.empty(8, 1024, 4096, dtype=bf16, **meta))))
     cases.append(("linear fp32 head M=1 N=129280 K=4096", "linear",
                   (torch.empty(1, 4096, dtype=torch.float32, **meta),
                    torch.empty(129280, 4096, dtype=torch.float32, **meta))))

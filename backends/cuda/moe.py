@@ -12,7 +12,8 @@ Flow (no host syncs; every size below is known from shapes):
    h to the activation dtype and, for fp8/fp4 experts, quantises h to fp8 in the epilogue (the 128 columns
    of a tile are exactly one activation-quant block). h is written per slot.
 4. Down: one grouped launch y[slot] = h[slot] @ w2^T, in the activation dtype.
-5. The shared expert runs through the same two kernels (one expert, every token, no routing weight).
+5. The shared expert runs through the same two kernels (one expert, every token, no routing weight), its down
+   projection with narrower column tiles (SHARED_DOWN_CFG) so that decode spreads w2 over more programs.
 6. Ordered combine (one kernel): out[t] = act(0 + shared[t] + y[t, 0] + ... + y[t, K-1]) in fp32, slots with
    idx -1 contributing +0, exactly the reference's ordered_combine.
 
@@ -45,6 +46,11 @@ MOE_BLOCK_M = 64
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) per format for gate/up (two accumulators) and down.
 GATE_UP_CFG = {"bf16": (128, 64, 8, 3), "fp8": (128, 128, 8, 3), "fp4": (128, 32, 8, 3)}
 DOWN_CFG = {"bf16": (128, 64, 4, 3), "fp8": (128, 128, 4, 3), "fp4": (128, 64, 8, 2)}
+# The shared expert's down projection: every token, one expert, so at decode its grid is one row tile wide;
+# 32 columns per program give D/32 programs (128 at V4-Flash) instead of D/128 to stream w2. A constant, like
+# the others: a row's result does not depend on T. (Its gate/up pass keeps BLOCK_N = 128: the fused fp8
+# quantisation of h needs one 128-column activation block per program.)
+SHARED_DOWN_CFG = {"bf16": (32, 64, 4, 3), "fp8": (32, 128, 4, 3), "fp4": (32, 64, 4, 2)}
 COMBINE_BLOCK_D = 512
 _FMT_ID = {"bf16": 0, "fp8": 1, "fp4": 2}
 _FLOAT = (torch.bfloat16, torch.float16, torch.float32)
@@ -152,7 +158,8 @@ def _scales(t: torch.Tensor | None, like: torch.Tensor):
     return t, False
 
 
-def _expert_pass(x, xq, xs, idx, route_w, ew: ExpertWeights, swiglu_limit: float) -> torch.Tensor:
+def _expert_pass(x, xq, xs, idx, route_w, ew: ExpertWeights, swiglu_limit: float,
+                 down_cfg: dict = DOWN_CFG) -> torch.Tensor:
     """Run one ExpertWeights over the (token, slot) pairs of idx; returns y [T*K, D] per slot (act dtype)."""
     from .tl_helpers import dot_precision, tl_dtype
     kern = _kernels()
@@ -191,7 +198,7 @@ def _expert_pass(x, xq, xs, idx, route_w, ew: ExpertWeights, swiglu_limit: float
         UE8M0=ew.scale_fmt == "ue8m0", ACT_DT=act, DOT_DT=dot_dt, PREC=prec, INTERPRET=interp,
         BLOCK_M=MOE_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     y = torch.empty(tk, d, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, stages = DOWN_CFG[fmt]
+    block_n, block_k, warps, stages = down_cfg[fmt]
     launch(kern.moe_down_kernel, (n_tiles, _cdiv(d, block_n)),
         h, hs, w2, s2, order, tile_expert, tile_row0, tile_rows, y, inter, d,
         h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0) if quant else 0, s2.stride(1) if quant else 0,
@@ -226,7 +233,7 @@ def moe_experts_triton(x, idx, weights, experts, shared=None, swiglu_limit=0.0):
     y_shared = None
     if shared is not None:
         all_tokens = torch.zeros(t, 1, dtype=torch.int32, device=x.device)
-        y_shared = _expert_pass(x, *inputs(shared), all_tokens, None, shared, swiglu_limit)
+        y_shared = _expert_pass(x, *inputs(shared), all_tokens, None, shared, swiglu_limit, SHARED_DOWN_CFG)
     launch(_kernels().moe_combine_kernel, (t, _cdiv(d, COMBINE_BLOCK_D)),
         y, y_shared if y_shared is not None else y, idx, out, d, k, experts.num_experts,
         HAS_SHARED=y_shared is not None, ACT_DT=tl_dtype(x.dtype), INTERPRET=interpret_mode(),

@@ -135,9 +135,10 @@ def compute_cases():
     for t in (1, 4096):
         cases.append((f"grouped_linear wo_a T={t} G=8 N=1024 K=4096 (bf16)", "grouped_linear",
                       (torch.empty(t, 8, 4096, dtype=bf16, **meta), torch.empty(8, 1024, 4096, dtype=bf16, **meta))))
-    cases.append(("linear fp32 head M=1 N=129280 K=4096", "linear",
-                  (torch.empty(1, 4096, dtype=torch.float32, **meta),
-                   torch.empty(129280, 4096, dtype=torch.float32, **meta))))
+    for m in (1, 64, 512):
+        cases.append((f"linear fp32 head M={m} N=129280 K=4096", "linear",
+                      (torch.empty(m, 4096, dtype=torch.float32, **meta),
+                       torch.empty(129280, 4096, dtype=torch.float32, **meta))))
     for m in (1, 4096):
         cases.append((f"fp4_linear M={m} N=2048 K=4096", "fp4_linear",
                       (torch.empty(m, 4096, dtype=bf16, **meta), torch.empty(2048, 2048, dtype=u8, **meta),

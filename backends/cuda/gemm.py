@@ -223,6 +223,13 @@ def _float_gemm(x3: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
     # the interpreter's bf16 dot is wrong (DESIGN.md section 3): fp32 there, exact for bf16 inputs anyway
     dot_dt = tl_dtype(x3.dtype) if exact16 and not interp else tl.float32
     block_k = 64 if dot_dt != tl.float32 else 32
+    # fp32 operands: exact fp32 FMAs while the product is memory-bound (M <= 16: the fp32 head at decode);
+    # above, TF32x3 on the tensor cores (split products, relative error ~2^-21 per product, well inside the
+    # op's fp32 tolerance): sm90 compiles the 64-row head tile to wgmma without spills, where the FMA tile
+    # spilled (compile_check). The interpreter computes exact fp32 either way.
+    precision = dot_precision(dot_dt)
+    if dot_dt == tl.float32 and not exact16 and m_bucket(m) > 16 and not interp:
+        precision = "tf32x3"
     k_steps = _cdiv(k, block_k)
     # split granularity: MIN_SPLIT_KBLOCKS x 128 of K, in whole BLOCK_K steps
     cfg = plan_tiles(m, n * groups, _num_sms(x3.device), _cdiv(k, 128))
@@ -232,7 +239,7 @@ def _float_gemm(x3: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
     grid = (_cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]), splits, groups)
     launch(_kernels().float_gemm_kernel, grid, x3, w, out, part, m, n, k, x3.stride(0), out.stride(0), per,
            x3.stride(1), w.stride(0), out.stride(1), OUT_DT=tl_dtype(out.dtype), DOT_DT=dot_dt,
-           PRECISION=dot_precision(dot_dt), INTERPRET=interp, SPLIT=splits > 1, BLOCK_K=block_k, **cfg)
+           PRECISION=precision, INTERPRET=interp, SPLIT=splits > 1, BLOCK_K=block_k, **cfg)
     if splits > 1:
         _reduce_splits(part, out, splits, m, n, groups, out.stride(0), out.stride(1))
 

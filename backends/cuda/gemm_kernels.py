@@ -115,7 +115,8 @@ def float_gemm_kernel(a_ptr, b_ptr, c_ptr, part_ptr, M, N, K, stride_am, stride_
                       SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr):
     """C[M, N] = A[M, K] @ B[N, K]^T with fp32 accumulation over K in BLOCK_K steps (a fixed order per element).
-    bf16/fp16 operands multiply on the tensor cores (exact products); fp32 operands use exact fp32 ("ieee").
+    bf16/fp16 operands multiply on the tensor cores (exact products); fp32 operands use exact fp32 ("ieee") or
+    TF32x3 (PRECISION, chosen by the provider).
     Grid axis 1 = split of K (k_per_split each, a multiple of BLOCK_K; partials summed in split order by
     splitk_reduce_kernel), axis 2 = group g of a grouped product (A, B, C offset by g * stride_*g)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tl_helpers import cast_out, fp4_to_f32, load_scale
+from .tl_helpers import cast_out, fp4_tile, load_scale
 
 
 @triton.jit
@@ -94,15 +94,14 @@ def fp4_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, stride_am, str
     mask_n = offs_n < N
     a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + offs_n[:, None].to(tl.int64) * (K // 2) + offs_kh[None, :]     # [BLOCK_N, BLOCK_K/2]
-    bs_ptrs = bs_ptr + offs_n[:, None].to(tl.int64) * (K // 32) + offs_k[None, :] // 32
+    bs_ptrs = bs_ptr + offs_n[:, None].to(tl.int64) * (K // 32) + tl.arange(0, BLOCK_K // 32)[None, :]
     as_ptrs = as_ptr + offs_m.to(tl.int64) * (K // 128)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         a_s = tl.load(as_ptrs + k0 // 128, mask=mask_m, other=0.0)
         a = tl.load(a_ptrs + k0, mask=mask_m[:, None], other=0.0).to(tl.float32) * a_s[:, None]
         packed = tl.load(b_ptrs + k0 // 2, mask=mask_n[:, None], other=0).to(tl.int32)
-        codes = tl.interleave(packed & 0xF, (packed >> 4) & 0xF)                      # [BLOCK_N, BLOCK_K]
-        w = fp4_to_f32(codes) * load_scale(bs_ptrs + k0 // 32, mask_n[:, None], BS_E8M0)
+        w = fp4_tile(packed, load_scale(bs_ptrs + k0 // 32, mask_n[:, None], BS_E8M0), BLOCK_N, BLOCK_K)
         acc += tl.dot(a.to(DOT_DT), tl.trans(w.to(DOT_DT)))
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, cast_out(acc, OUT_DT, INTERPRET), mask=mask_m[:, None] & mask_n[None, :])

@@ -4,7 +4,8 @@ The providers are run on `meta` tensors (shapes, no memory) at DeepSeek-V4 sizes
 each launch here: the kernel is compiled by triton for a CUDA target (default sm90 = H100/H200) with the same
 constexprs, num_warps and num_stages, and the argument specialisation Triton applies at run time (16-byte
 aligned pointers, ints divisible by 16 unless the kernel opts out with do_not_specialize). Reported per
-launch: shared memory, registers and spill bytes (from the cubin via the cuobjdump bundled with triton), whether
+launch: shared memory, registers and stack bytes (from the cubin via the cuobjdump bundled with triton), the
+bytes of register spill stores (ptxas -v, run again on the kernel's PTX when it has a stack frame), whether
 the loads of the main loop were pipelined (asynchronous copies in the TTGIR), the widest global load (vector
 width in 32-bit words), and what the products compile to: `wgmma` (Hopper warp-group MMA), `mma.sync`
 (Ampere-style tensor-core MMA), `tcgen05` (Blackwell), `fma` (a tl.dot lowered to scalar FMAs: no tensor
@@ -83,6 +84,21 @@ def widest_load(ptx: str) -> int:
     return max(widths or [0])
 
 
+def _ptxas_spills(ptx: str, arch: int) -> int:
+    """Bytes of register spill stores, as ptxas -v reports them for this PTX (the same ptxas and register
+    allocation option Triton uses). A stack frame alone is not a spill: on sm100 some kernels keep an 8-byte
+    frame around a call with 80 registers in use."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(src, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([get_ptxas(arch).path, "-v", "--regAllocOptLevel=2",
+                              f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", out],
+                             capture_output=True, text=True).stderr
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log))
+
+
 def _resource_usage(cubin: bytes) -> dict:
     import triton
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -91,8 +107,8 @@ def _resource_usage(cubin: bytes) -> dict:
         f.flush()
         text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
     found = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
-    # register spills land in the per-thread stack frame (STACK), LOCAL counts other local arrays
-    return {"registers": int(found.get("REG", -1)), "spill_bytes": int(found.get("STACK", 0)) +
+    # the per-thread stack frame (STACK: spills and call frames) and other local arrays (LOCAL)
+    return {"registers": int(found.get("REG", -1)), "stack_bytes": int(found.get("STACK", 0)) +
             int(found.get("LOCAL", 0))}
 
 
@@ -110,6 +126,7 @@ def compile_launch(kernel, grid, args, meta, arch: int = 90) -> dict:
             "mma": product_kind(ttgir, ptx), "max_ld_vec": widest_load(ptx),
             **options, **{k: str(v) for k, v in consts.items() if k.startswith("BLOCK")}}
     info.update(_resource_usage(compiled.asm["cubin"]))
+    info["spill_bytes"] = _ptxas_spills(ptx, arch) if info["stack_bytes"] else 0
     return info
 
 
@@ -281,8 +298,8 @@ def run(arch: int = 90, cases=None, progress=print) -> list[dict]:
         rec = dict(seen[key], case=current[0], grid=tuple(grid))
         records.append(rec)
         progress(f"  {rec['kernel']:28s} grid {str(rec['grid']):18s} smem {rec['shared_bytes']:6d} "
-                 f"regs {rec['registers']:3d} spill {rec['spill_bytes']:4d} async {rec['async_copies']:2d} "
-                 f"ld.v{rec['max_ld_vec']} {rec['mma']}")
+                 f"regs {rec['registers']:3d} spill {rec['spill_bytes']:4d} stack {rec['stack_bytes']:4d} "
+                 f"async {rec['async_copies']:2d} ld.v{rec['max_ld_vec']} {rec['mma']}")
 
     current = [""]
     for label, op, args in cases if cases is not None else v4_cases():

@@ -136,8 +136,8 @@ def float_gemm_kernel(a_ptr, b_ptr, c_ptr, part_ptr, M, N, K, stride_am, stride_
         a = tl.load(a_ptrs + k0, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptrs + k0, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc += tl.dot(a.to(DOT_DT), b.to(DOT_DT), input_precision=PRECISION)
-    _store_tile(acc, c_ptr + g * stride_cg, part_ptr + g * (tl.num_programs(1) * M * N), offs_m, offs_n, M, N,
-                stride_cm, split, SPLIT, OUT_DT, INTERPRET)
+    _store_tile(acc, c_ptr + g * stride_cg, part_ptr + g * tl.num_programs(1) * M * N, offs_m, offs_n, M, N,
+                stride_cm, split, SPLIT, OUT_DT, INTERPRET)    # g is int64: 64-bit offsets
 
 
 @triton.jit

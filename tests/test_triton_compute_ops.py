@@ -794,6 +794,16 @@ def test_route_plan_tiles_every_slot_once():
         assert sorted(seen) == valid
 
 
+def test_identity_plan_equals_route_plan():
+    """The shared expert's closed-form tile plan is exactly route_plan's for idx all 0 (one expert, K = 1)."""
+    from dsv4_portable.backends.cuda.moe import identity_plan, route_plan
+    for t, bm in ((1, 64), (63, 64), (64, 64), (65, 64), (300, 64), (9, 4)):
+        want = route_plan(torch.zeros(t, 1, dtype=torch.long), 1, bm)
+        got = identity_plan(t, torch.device("cpu"), bm)
+        for w, g in zip(want, got):
+            assert w.dtype == g.dtype == torch.int32 and torch.equal(w, g), (t, bm, w, g)
+
+
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
     result = _worker(list(CHECKS)) if sys.argv[2] == "checks" else _compile_worker()
     print("@@RESULT@@" + json.dumps(result, default=str))

@@ -93,6 +93,18 @@ def route_plan(idx: torch.Tensor, num_experts: int, block_m: int = MOE_BLOCK_M):
     return order, torch.where(used, e, -1).to(torch.int32), row0.to(torch.int32), rows.to(torch.int32)
 
 
+def identity_plan(t: int, device, block_m: int = MOE_BLOCK_M):
+    """route_plan's result for one expert that every token uses once (the shared expert: idx all 0, K = 1),
+    in closed form: slots in order, full tiles of block_m rows, one unused tile. A handful of device ops instead
+    of route_plan's sort and scans on every call."""
+    used_tiles = _cdiv(t, block_m)
+    tid = torch.arange(used_tiles + min(1, t), dtype=torch.int32, device=device)
+    used = tid < used_tiles
+    zero = torch.zeros((), dtype=torch.int32, device=device)
+    return (torch.arange(t, dtype=torch.int32, device=device), torch.where(used, zero, zero - 1),
+            torch.where(used, tid * block_m, zero), torch.where(used, (t - tid * block_m).clamp(max=block_m), zero))
+
+
 def _weight_reasons(ew: ExpertWeights, name: str) -> list[str]:
     reasons = [] if ew.num_experts > 0 else [f"{name}: no experts"]
     if ew.fmt == "bf16":
@@ -173,7 +185,10 @@ def _expert_pass(x, xq, xs, idx, route_w, ew: ExpertWeights, swiglu_limit: float
     prec = dot_precision(dot_dt)
     if tk == 0:
         return torch.empty(0, d, dtype=x.dtype, device=x.device)
-    order, tile_expert, tile_row0, tile_rows = route_plan(idx, e_count, MOE_BLOCK_M)
+    if route_w is None and k == 1 and e_count == 1:      # the shared expert: every token, once
+        order, tile_expert, tile_row0, tile_rows = identity_plan(t, x.device, MOE_BLOCK_M)
+    else:
+        order, tile_expert, tile_row0, tile_rows = route_plan(idx, e_count, MOE_BLOCK_M)
     n_tiles = tile_expert.numel()
     a, a_s = (xq, xs) if quant else (x, x)
     if quant:

@@ -22,8 +22,8 @@ Timing: the provider's function itself (argument checks and dispatch run once, b
 - `host_ms`: the same number of calls back to back, no flush, one synchronisation at the end, wall time per
   call: what a step pays when the host is the bottleneck (launch overhead, Python, host-side planning). For
   device-bound calls it can be below `ms`, as inputs stay in L2 between calls.
-CPU: time.perf_counter for both. Absolute times are only meaningful on a GPU/NPU; CPU runs (reference only; `--small` uses the
-tiny preset's dims) and simulated (TRITON_INTERPRET=1) runs show that the bench runs, not how fast anything is.
+CPU: time.perf_counter for both. Absolute times are only meaningful on a GPU/NPU; CPU runs (reference only;
+`--small` uses the tiny preset's dims) and simulated (TRITON_INTERPRET=1) runs show that the bench runs, not how fast anything is.
 The reference is skipped, with the reason, above a per-op size cap (REFERENCE_CAPS) instead of running for minutes.
 """
 from __future__ import annotations

@@ -12,8 +12,8 @@ faster at V4 decode shapes is for the GPU benchmark to decide: MAX_HEAD_BLOCK.)
 Split-K: decode has one query per sequence, so (batch x head blocks) programs cannot fill the GPU. When the
 grid would cover less than half the SMs, the index list is cut into contiguous splits (whole BLOCK_N blocks, at
 least MIN_SPLIT_ROWS rows each: a split's fp32 partial, BLOCK_H x D x 4 bytes, is about the kv bytes it reads
-and stays in L2 until the combine); each split writes (acc, max, sum) and a small combine kernel merges them in split order and
-applies the sink. Large batches and prefill run unsplit, so the split count depends on the batch size and the
+and stays in L2 until the combine); each split writes (acc, max, sum) and a small combine kernel merges them in
+split order and applies the sink. Large batches and prefill run unsplit, so the split count depends on the batch size and the
 last bits of a query's result may differ between split and unsplit launches (the op's tolerance covers it; the
 reference's bitwise batch invariance is not claimed here).
 

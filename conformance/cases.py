@@ -171,6 +171,13 @@ def _attn_args(g, dt, sink_mode="random", b=2, s=3, h=4, d=64, n=20, k=8):
     return q, kv, sink, idx, d ** -0.5
 
 
+def _v4_decode_args(g, dt, h=64, d=512, n=2048, k=640):
+    """One decode query of V4's shape: 64 heads of 512 over 640 distinct kv rows, the last 7 slots -1."""
+    idx = torch.randperm(n, generator=g)[:k].to(torch.int32).view(1, 1, k)
+    idx[..., -7:] = -1
+    return _randn(g, 1, 1, h, d, dtype=dt), _randn(g, 1, n, d, dtype=dt), _randn(g, h), idx, d ** -0.5
+
+
 def attention_cases() -> list[Case]:
     cases = []
     for dt in (BF16, F32):
@@ -181,8 +188,12 @@ def attention_cases() -> list[Case]:
         cases.append(Case("sparse_attn", f"sparse_attn/decode_long_list/{n}", 42, dt,
                           lambda g, dt=dt: _attn_args(g, dt, b=3, s=1, n=300, k=200), k=200, slice0=_first(0, 1, 3),
                           large=True))
+        # V4 decode at batch 1 (64 heads of 512, window 128 + top-k 512): a GPU's split-K planner cuts this list
+        # into several splits and runs the combine (the small cases above never split on a GPU).
+        cases.append(Case("sparse_attn", f"sparse_attn/decode_split_k_v4/{n}", 47, dt,
+                          lambda g, dt=dt: _v4_decode_args(g, dt), k=640, large=True))
 
-    def window_args(g, dt, p0, s, ratio, csa=False, sink_mode="random", b=2, h=4, d=64, w=16):
+    def window_args(g, dt, p0, s, ratio, csa=False, sink_mode="random", b=2, h=4, d=64, w=16, k=6):
         """A window_sparse_attn step at positions p0..p0+s-1: ring of w slots, new rows, compressed entries
         (two more rows than are visible, which must never be read) and, for CSA, a top-k list with -1 padding
         and one not-yet-visible entry that must be ignored."""
@@ -195,7 +206,7 @@ def attention_cases() -> list[Case]:
             n = (p0 + s) // ratio + 2
             comp = _randn(g, b, n, d, dtype=dt)
         if csa:
-            k = min(6, n)
+            k = min(k, n)
             topk = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(b * s)]).view(b, s, k).int()
             topk[:, :, 0] = n - 1
             topk[0, :, 1:3] = -1
@@ -212,6 +223,11 @@ def attention_cases() -> list[Case]:
             cases.append(Case("window_sparse_attn", f"window_sparse_attn/{label}/{n}", 46, dt,
                               lambda g, dt=dt, a=(p0, s, ratio, csa, sink): window_args(g, dt, *a[:4], sink_mode=a[4]),
                               k=16 + s + 8, slice0=_first(0, 1, 2, 3, 4)))
+        # V4 CSA decode at batch 1 across the ring wrap: 64 heads of 512, ring 128, top-k 512 of 2050 entries
+        # (split-K on a GPU, see sparse_attn/decode_split_k_v4)
+        cases.append(Case("window_sparse_attn", f"window_sparse_attn/csa_decode_split_k_v4/{n}", 48, dt,
+                          lambda g, dt=dt: window_args(g, dt, 8191, 1, 4, csa=True, b=1, h=64, d=512, w=128, k=512),
+                          k=640, large=True))
 
     # At the widths the fused Ascend attention takes (64 heads, head dim 512, window 128; CSA top-k padded to 512):
     # a wrapped ring, chunks crossing a compressed-entry boundary, both sink extremes.

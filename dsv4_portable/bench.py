@@ -15,10 +15,15 @@ Counting rules (the per-op formulas are in the `_case_*` functions next to their
   over the measured time; `bound` says which roof (compute or memory) sets it. The compute roof is the peak of
   the arithmetic the op's contract needs (`mma`: fp32 for the fp32 mixing/router/compressor products, bf16
   for bf16 products, fp8 for FP8 and FP4 weights: Hopper has no FP4 units, FP4 converts exactly to FP8).
-Timing: the provider's function itself (argument checks and dispatch run once, before timing); GPU: CUDA (or
-NPU) events around each call with L2 flushed before it, median of `--reps` after `--warmup` calls; CPU:
-time.perf_counter. Absolute times are only meaningful on a GPU/NPU; CPU runs (reference only; `--small` uses the
-tiny preset's dims) and simulated (TRITON_INTERPRET=1) runs show that the bench runs, not how fast anything is.
+Timing: the provider's function itself (argument checks and dispatch run once, before timing), two figures:
+- `ms`: GPU: CUDA (or NPU) events around each call with L2 flushed before it, median of `--reps` after
+  `--warmup` calls. The flush gives the host a head start on every call, so this is device time: a provider
+  that issues many small launches (or spends host time between them) looks faster here than in a decode step.
+- `host_ms`: the same number of calls back to back, no flush, one synchronisation at the end, wall time per
+  call: what a step pays when the host is the bottleneck (launch overhead, Python, host-side planning). For
+  device-bound calls it can be below `ms`, as inputs stay in L2 between calls.
+CPU: time.perf_counter for both. Absolute times are only meaningful on a GPU/NPU; CPU runs (reference only;
+`--small` uses the tiny preset's dims) and simulated (TRITON_INTERPRET=1) runs show that the bench runs, not how fast anything is.
 The reference is skipped, with the reason, above a per-op size cap (REFERENCE_CAPS) instead of running for minutes.
 """
 from __future__ import annotations
@@ -41,16 +46,31 @@ from .reference.rotary import rope_cos_sin, rope_inv_freq
 from .registry import REFERENCE, OpInputError
 
 # ----------------------------------------------------------------------------------------------- device peaks
-# Dense (no sparsity) peaks from NVIDIA's datasheets: bytes/s of HBM and FLOP/s per arithmetic kind.
-_SXM = {"hbm": 3.35e12, "fp32": 67e12, "bf16": 989e12, "fp8": 1979e12}
+# Dense (no sparsity) peaks from NVIDIA's datasheets: bytes/s of HBM and FLOP/s per arithmetic kind (fp32 =
+# the FP32 FMA units, tf32 = TF32 tensor cores).
+_SXM = {"hbm": 3.35e12, "fp32": 67e12, "tf32": 494.7e12, "bf16": 989e12, "fp8": 1979e12}
 PEAKS = [  # (name fragment, label, peaks); PCIe / NVL cards only match entries naming them
-    ("H100 NVL", "H100 NVL", {"hbm": 3.9e12, "fp32": 60e12, "bf16": 835e12, "fp8": 1671e12}),
-    ("H100 PCIe", "H100 PCIe", {"hbm": 2.0e12, "fp32": 51e12, "bf16": 756e12, "fp8": 1513e12}),
-    ("H200 NVL", "H200 NVL", {"hbm": 4.8e12, "fp32": 60e12, "bf16": 835e12, "fp8": 1671e12}),
+    ("H100 NVL", "H100 NVL", {"hbm": 3.9e12, "fp32": 60e12, "tf32": 417.5e12, "bf16": 835e12, "fp8": 1671e12}),
+    ("H100 PCIe", "H100 PCIe", {"hbm": 2.0e12, "fp32": 51e12, "tf32": 378e12, "bf16": 756e12, "fp8": 1513e12}),
+    ("H200 NVL", "H200 NVL", {"hbm": 4.8e12, "fp32": 60e12, "tf32": 417.5e12, "bf16": 835e12, "fp8": 1671e12}),
+    # Grace Hopper before H200 (its name contains "H200"): the H100 SXM compute figures; 96 GB HBM3 at 4.0
+    # TB/s, the 144 GB HBM3e part at 4.9 TB/s
+    ("GH200 144", "GH200 144 GB HBM3e", {**_SXM, "hbm": 4.9e12}),
+    ("GH200", "GH200 96 GB HBM3", {**_SXM, "hbm": 4.0e12}),
     ("H200", "H200 SXM", {**_SXM, "hbm": 4.8e12}),
     ("H100", "H100 SXM", _SXM),
     ("H800", "H800 SXM (H100 SXM figures)", _SXM),
 ]
+
+
+def compute_roof(peaks: dict, kind: str) -> float:
+    """FLOP/s roof for a case's arithmetic kind. "fp32" products (the contract needs fp32 accuracy) are held to
+    the faster of the FP32 FMA units and TF32x3 on the tensor cores (three TF32 products per fp32 product:
+    TF32 peak / 3), the arithmetic the Triton kernels use for them (mHC mixing, router, TF32x3 linears), so no
+    implementation of the contract can pass 100%."""
+    if kind == "fp32":
+        return max(peaks["fp32"], peaks.get("tf32", 0.0) / 3)
+    return peaks[kind]
 VENDOR_EXCLUDED = {"triton", "triton_ascend", REFERENCE}   # our own providers; every other name is a vendor's
 
 
@@ -58,9 +78,9 @@ def peaks_for_name(name: str) -> tuple[dict | None, str]:
     """(peaks or None, a sentence naming the figures used) for a GPU name as torch.cuda.get_device_name gives it."""
     for frag, label, peaks in PEAKS:
         if frag in name and all((w in name) == (w in frag) for w in ("PCIe", "NVL")):
-            return peaks, (f"{name}: peaks of {label}: HBM {peaks['hbm'] / 1e12:.2f} TB/s, fp32 "
-                           f"{peaks['fp32'] / 1e12:.0f}, bf16 {peaks['bf16'] / 1e12:.0f}, fp8 "
-                           f"{peaks['fp8'] / 1e12:.0f} TFLOP/s (dense)")
+            return peaks, (f"{name}: peaks of {label}: HBM {peaks['hbm'] / 1e12:.2f} TB/s, fp32 products "
+                           f"{compute_roof(peaks, 'fp32') / 1e12:.0f} (TF32x3), bf16 {peaks['bf16'] / 1e12:.0f}, "
+                           f"fp8 {peaks['fp8'] / 1e12:.0f} TFLOP/s (dense)")
     return None, f"{name}: unknown GPU (not in bench.PEAKS); no percent of peak"
 
 
@@ -255,6 +275,35 @@ def _case_sparse_attn(cfg, g):
                               torch.randint(0, n, (b, s, k), dtype=torch.int32, device=dev), d ** -0.5), {}))
 
 
+def _case_window_sparse_attn(cfg, g):
+    """A CSA layer's attention step as the model calls it: the window ring, this step's rows and the compressed
+    entries with the indexer's top-k, read in place (no workspace)."""
+    b, s, h, d, w, ratio = g.batch, g.seq, cfg.n_heads, cfg.head_dim, cfg.window_size, 4
+    p0 = 0 if g.phase == "prefill" else g.context - 1
+    n = (p0 + s) // ratio                                # compressed entries after this step
+    k = min(cfg.index_topk, n)
+    positions = range(p0, p0 + s)
+    # FLOPs: q.k and p.v, 2*D each per (query, head, valid row): the window rows that exist and the visible
+    # top-k entries. Bytes: q and o, this step's rows, the ring rows older than this step (decode: W - 1 of
+    # them), the entries the lists name (at most all of them once per sequence), the top-k ids, the sink.
+    rows = sum(min(w, p + 1) + min(k, (p + 1) // ratio) for p in positions)
+    ring_rows = min(w - 1, p0)                           # the first query reaches back w - 1 positions
+    comp_rows = min(s * k, n)
+    nbytes = 2 * b * s * h * d * A + b * (s + ring_rows + comp_rows) * d * A + b * s * k * 4 + h * 4
+
+    def build(dev):
+        if g.phase == "prefill":    # entries 0 .. min(K, visible) - 1, -1 beyond (the indexer's -1 padding)
+            j, vis = torch.arange(k, device=dev), (torch.arange(p0, p0 + s, device=dev) + 1) // ratio
+            topk = torch.where(j.view(1, k) < vis.view(s, 1), j.view(1, k), -1).expand(b, s, k)
+        else:                       # distinct entries scattered over the visible range
+            topk = torch.stack([torch.randperm(n, device=dev)[:k] for _ in range(b)]).view(b, 1, k)
+        return (_randn((b, s, h, d), dev), _randn((b, w, d), dev), _randn((b, s, d), dev), _randn((b, n, d), dev),
+                topk.to(torch.int32).contiguous(), _randn(h, dev, torch.float32), d ** -0.5, p0, ratio), {}
+    return Case("window_sparse_attn", g.phase, f"CSA step  B={b} S={s} H={h} D={d} at position {p0}: window {w} + "
+                f"top-{k} of N={n} entries, read in place", dict(B=b, S=s, H=h, D=d, W=w, K=k, N=n, start_pos=p0),
+                4 * b * h * d * rows, nbytes, "bf16", build)
+
+
 def _case_indexer_topk(cfg, g):
     b, s, h, d, topk = g.batch, g.seq, cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
     n = g.csa_entries
@@ -279,16 +328,18 @@ def _case_compressor(cfg, g):
     n_new = (start + s) // ratio - start // ratio
     positions = max(s, g.context)
     # FLOPs: the two fp32 projections (wkv, wgate) 2 * 2*T*dim*C; pooling, norm and RoPE not counted.
-    # Bytes: x, both bf16 weights, ape, the fp32 kv/score states read and written, the entries written.
+    # Bytes: x, both weights (fp32, as the model keeps them: checkpoint.py widens the compressor's linears at
+    # load), ape, the fp32 kv/score states read and written, the entries written.
     state = b * 2 * ratio * c * 4
-    nbytes = b * s * dim * A + 2 * c * dim * A + ratio * c * 4 + 2 * 2 * state + b * n_new * d * A
+    nbytes = b * s * dim * A + 2 * c * dim * 4 + ratio * c * 4 + 2 * 2 * state + b * n_new * d * A
 
     def build(dev):
         cos, sin = _rope_tables(cfg, torch.arange(positions, device=dev))
         kv_state = torch.zeros(b, 2 * ratio, c, device=dev)
         score_state = torch.full((b, 2 * ratio, c), float("-inf"), device=dev)
-        return (_randn((b, s, dim), dev), _randn((c, dim), dev, std=dim ** -0.5),
-                _randn((c, dim), dev, std=dim ** -0.5), _randn((ratio, c), dev, torch.float32), _randn(d, dev),
+        return (_randn((b, s, dim), dev), _randn((c, dim), dev, torch.float32, dim ** -0.5),
+                _randn((c, dim), dev, torch.float32, dim ** -0.5), _randn((ratio, c), dev, torch.float32),
+                _randn(d, dev, torch.float32),
                 cos, sin, kv_state, score_state, start, ratio), {"eps": cfg.norm_eps}
     return Case("compressor", g.phase, f"CSA kv  B={b} S={s} dim={dim} -> {n_new} entries of {d} (start {start})",
                 dict(B=b, S=s, dim=dim, D=d, ratio=ratio, start_pos=start), 2 * 2 * b * s * dim * c, nbytes,
@@ -364,9 +415,9 @@ def _expert_bytes(fmt: str, inter: int, dim: int) -> int:
     return n * A
 
 
-def _case_moe_experts(cfg, g):
+def _moe_case(cfg, g, fmt: str, note: str = "") -> Case:
     t, e, k, d, i = g.tokens, cfg.n_routed_experts, cfg.n_activated_experts, cfg.dim, cfg.moe_inter_dim
-    fmt, shared_fmt = cfg.expert_dtype, ("fp8" if cfg.dtype == "fp8" else "bf16")
+    shared_fmt = "fp8" if cfg.dtype == "fp8" else "bf16"
     touched = min(e, t * k)   # balanced routing: token j's slots go to experts (j*K + 0..K-1) mod E
     # FLOPs: three GEMMs of 2*I*D per routed (token, slot) and per token for the shared expert.
     # Bytes: x and y, ids + weights, the weights of every expert that receives tokens, the shared expert.
@@ -377,25 +428,35 @@ def _case_moe_experts(cfg, g):
         weights = torch.full((t, k), 1.0 / k, device=dev)
         return (_randn((t, d), dev), idx, weights, _experts(fmt, e, i, d, dev), _experts(shared_fmt, 1, i, d, dev),
                 cfg.swiglu_limit), {}
-    return Case("moe_experts", g.phase, f"T={t} top-{k} of E={e} ({fmt}) + shared ({shared_fmt}), I={i} dim={d}, "
-                "balanced routing", dict(T=t, E=e, K=k, I=i, D=d, touched=touched),
+    return Case("moe_experts", g.phase, f"T={t} top-{k} of E={e} ({fmt}{note}) + shared ({shared_fmt}), I={i} "
+                f"dim={d}, balanced routing", dict(T=t, E=e, K=k, I=i, D=d, touched=touched, experts=fmt),
                 6 * (t * k + t) * i * d, nbytes, "bf16" if fmt == "bf16" else "fp8", build)
 
 
-CASES: dict[str, Callable[[ModelConfig, Geometry], Case]] = {
+def _case_moe_experts(cfg, g) -> list[Case]:
+    """The checkpoint's expert format, and for FP4 experts also FP8: GPUs without FP4 tensor cores (Hopper)
+    convert FP4 experts to FP8 once at load (exact) and run the FP8 path."""
+    cases = [_moe_case(cfg, g, cfg.expert_dtype)]
+    if cfg.expert_dtype == "fp4":
+        cases.append(_moe_case(cfg, g, "fp8", ", converted from FP4 at load: the Hopper route"))
+    return cases
+
+
+CASES: dict[str, Callable[[ModelConfig, Geometry], Case | list[Case]]] = {
     "quant_fp8": _case_quant_fp8, "quant_fp4": _case_quant_fp4, "fp8_roundtrip": _case_fp8_roundtrip,
     "fp4_roundtrip": _case_fp4_roundtrip, "fp8_linear": _case_fp8_linear, "fp4_linear": _case_fp4_linear,
     "int8_linear": _case_int8_linear, "linear": _case_linear, "grouped_linear": _case_grouped_linear, "rms_norm": _case_rms_norm, "rope": _case_rope,
-    "hadamard": _case_hadamard, "sparse_attn": _case_sparse_attn, "indexer_topk": _case_indexer_topk,
+    "hadamard": _case_hadamard, "sparse_attn": _case_sparse_attn,
+    "window_sparse_attn": _case_window_sparse_attn, "indexer_topk": _case_indexer_topk,
     "compressor": _case_compressor, "hc_pre": _case_hc_pre, "hc_post": _case_hc_post, "hc_head": _case_hc_head,
     "moe_route": _case_moe_route, "moe_experts": _case_moe_experts,
 }
 
 # The pure-PyTorch reference computes in fp32 with Python loops over blocks and experts; above these sizes one
 # call takes seconds on a GPU (minutes on a CPU), so it is skipped with the reason. (FLOPs, bytes) per call.
-REFERENCE_CAPS = {"gpu": {"default": (1e13, 2e10), "sparse_attn": (2e12, 2e10), "indexer_topk": (2e12, 2e10),
-                          "moe_experts": (5e12, 2e10)},
-                  "cpu": {"default": (2e10, 2e9), "sparse_attn": (1e9, 2e9)}}
+REFERENCE_CAPS = {"gpu": {"default": (1e13, 2e10), "sparse_attn": (2e12, 2e10), "window_sparse_attn": (2e12, 2e10),
+                          "indexer_topk": (2e12, 2e10), "moe_experts": (5e12, 2e10)},
+                  "cpu": {"default": (2e10, 2e9), "sparse_attn": (1e9, 2e9), "window_sparse_attn": (1e9, 2e9)}}
 
 
 def reference_cap_reasons(case: Case, device: torch.device) -> list[str]:
@@ -418,9 +479,10 @@ def _sync(device: torch.device) -> None:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: int,
-            budget_s: float) -> tuple[float, int]:
-    """(median ms per call, calls timed). A first timed call sizes the rep count so slow providers (the
-    reference) stay near `budget_s`; a call slower than the budget is its own single sample."""
+            budget_s: float) -> tuple[float, int, float]:
+    """(median device ms per call, calls timed, host-inclusive ms per call; see the module doc). A first timed
+    call sizes the rep count so slow providers (the reference) stay near `budget_s`; a call slower than the
+    budget is its own single sample (both figures)."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -429,7 +491,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: i
     _sync(device)
     first = time.perf_counter() - t0
     if first >= budget_s:
-        return first * 1e3, 1
+        return first * 1e3, 1, first * 1e3
     reps = max(2, min(reps, int(budget_s / first)))
     samples = []
     if device.type == "cpu":
@@ -448,14 +510,20 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: i
             end.record()
         _sync(device)
         samples = [start.elapsed_time(end) for start, end in events]
-    return statistics.median(samples), reps
+        del flush
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    _sync(device)
+    host_ms = (time.perf_counter() - t0) * 1e3 / reps
+    return statistics.median(samples), reps, host_ms
 
 
 def _rates(case: Case, ms: float, peaks: dict | None) -> dict:
     s = ms / 1e3
     out = {"tflops": case.flops / s / 1e12, "gbps": case.bytes / s / 1e9, "pct_of_peak": None, "bound": None}
     if peaks:
-        t_compute, t_memory = case.flops / peaks[case.mma], case.bytes / peaks["hbm"]
+        t_compute, t_memory = case.flops / compute_roof(peaks, case.mma), case.bytes / peaks["hbm"]
         out["bound"] = "compute" if t_compute >= t_memory else "memory"
         out["pct_of_peak"] = 100 * max(t_compute, t_memory) / s
     return out
@@ -489,12 +557,12 @@ def run_case(case: Case, backend, device: torch.device, peaks, warmup: int, reps
                 row.update(status="declined", reasons=reasons)
                 continue
             try:
-                ms, n = time_ms(lambda: p.fn(*args, **kwargs), device, warmup, reps, budget_s)
+                ms, n, host_ms = time_ms(lambda: p.fn(*args, **kwargs), device, warmup, reps, budget_s)
             except Exception as e:   # recorded and reported (non-zero exit), the other providers still run
                 first_line = str(e).splitlines()[0] if str(e) else ""
                 row.update(status="error", reasons=[f"{type(e).__name__}: {first_line}"])
                 continue
-            row.update(status="timed", ms=ms, reps=n, **_rates(case, ms, peaks))
+            row.update(status="timed", ms=ms, host_ms=host_ms, reps=n, **_rates(case, ms, peaks))
         del args, kwargs
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -517,18 +585,21 @@ def format_table(report: dict) -> str:
     h = report["header"]
     lines = [f"dsv4 bench: device {h['device']}, config {h['config']}, phases {'+'.join(h['phases'])}",
              f"peaks: {h['peaks_note']}", f"note: {h['note']}", f"timing: {h['timing']}",
-             f"{'provider':16s} {'ms':>10s} {'TFLOP/s':>9s} {'GB/s':>9s} {'%peak':>7s} {'bound':>7s} "
-             f"{'vs vendor':>9s} {'vs ref':>8s}"]
+             f"{'provider':16s} {'ms':>10s} {'host ms':>10s} {'TFLOP/s':>9s} {'GB/s':>9s} {'%peak':>7s} "
+             f"{'bound':>7s} {'vs vendor':>9s} {'vs ref':>8s}"]
     for c in report["cases"]:
         lines.append(f"{c['op']} {c['phase']}: {c['label']}  [{c['flops']:.3g} FLOP, {c['bytes']:.3g} B]")
         for r in c["results"]:
             if r["status"] != "timed":
                 lines.append(f"  {r['provider']:14s} {r['status']}: {'; '.join(r['reasons'])}")
                 continue
-            lines.append(f"  {r['provider']:14s} {r['ms']:10.4f} {r['tflops']:9.3g} {r['gbps']:9.3g} "
+            lines.append(f"  {r['provider']:14s} {r['ms']:10.4f} {r['host_ms']:10.4f} {r['tflops']:9.3g} "
+                         f"{r['gbps']:9.3g} "
                          f"{_fmt(r['pct_of_peak'], '6.1f'):>7s} {_fmt(r['bound'], 's'):>7s} "
                          f"{_fmt(r['speed_vs_fastest_vendor'], '8.3g'):>9s} "
                          f"{_fmt(r['speedup_vs_reference'], '7.3g'):>8s}")
+    lines.append("ms: on a GPU device time per call (L2 flushed before each); host ms: wall time per call back to "
+                 "back (includes launch and host overhead). Rates and ratios use ms.")
     lines.append("vs vendor: fastest vendor time / this time (1.0 = as fast). vs ref: reference time / this time.")
     return "\n".join(lines)
 
@@ -582,7 +653,8 @@ def bench_main(args) -> int:
         warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
         reps = args.reps if args.reps is not None else (20 if gpu else 3)
         budget_s = 2.0 if gpu else 0.5
-        cases = [CASES[n](cfg, geometry(ph, **sizes)) for ph in phases for n in op_names if n in CASES]
+        made = [CASES[n](cfg, geometry(ph, **sizes)) for ph in phases for n in op_names if n in CASES]
+        cases = [c for m in made for c in (m if isinstance(m, list) else [m])]
         missing = [n for n in op_names if n not in CASES]
         for n in missing:
             print(f"warning: op {n} has no bench shape yet (bench.CASES); not benchmarked", file=sys.stderr)
@@ -598,7 +670,8 @@ def bench_main(args) -> int:
                 "; these are CPU timings of the pure-PyTorch reference, NOT GPU figures" if not gpu else ""),
             "timing": (f"{'CPU time.perf_counter' if not gpu else device.type.upper() + ' events'}, median of up to "
                        f"{reps} calls after {warmup} warmups, the provider function only"
-                       + ("" if not gpu else ", L2 flushed before each call")),
+                       + ("" if not gpu else ", L2 flushed before each call")
+                       + "; host_ms: the same calls back to back, one sync, wall time per call"),
             "torch": torch.__version__, "ops_without_cases": missing,
         }
         print(f"dsv4 bench: {len(cases)} cases on {dev_label}; {peaks_note}", file=sys.stderr)

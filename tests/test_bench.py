@@ -40,6 +40,7 @@ def test_cpu_small_json_structure_and_counts(tmp_path, capsys):
         assert r["pct_of_peak"] is None and r["speed_vs_fastest_vendor"] is None
         assert r["speedup_vs_reference"] == 1.0
         assert r["gbps"] == pytest.approx(c["bytes"] / (r["ms"] / 1e3) / 1e9)
+        assert r["host_ms"] > 0                  # the back-to-back, host-inclusive figure
         assert r["tflops"] == pytest.approx(c["flops"] / (r["ms"] / 1e3) / 1e12)
     assert rep["summary"] == {"cases": 6, "timed": 6, "declined": 0, "skipped": 0, "error": 0}
 
@@ -63,6 +64,29 @@ def test_cpu_small_json_structure_and_counts(tmp_path, capsys):
     assert "[6/6] sparse_attn decode: reference" in out.err and "summary: 6 cases, 6 provider timings" in out.err
 
 
+def test_window_attention_and_moe_cases_hand_derived(tmp_path):
+    """window_sparse_attn counts the rows a CSA step reads in place; moe_experts has an FP8 case beside the
+    tiny preset's FP4 experts (the Hopper route); the compressor case's weights are fp32 as the model keeps
+    them."""
+    rc, rep = _run(tmp_path, "--ops", "window_sparse_attn,moe_experts,compressor")
+    assert rc == 0
+    # decode: B=2 at position 255, window 16 + top-8 of N=64 entries: 24 rows per query, 4 heads of 128
+    dec = _case(rep, "window_sparse_attn", "decode")
+    assert dec["shape"] == {"B": 2, "S": 1, "H": 4, "D": 128, "W": 16, "K": 8, "N": 64, "start_pos": 255}
+    assert dec["flops"] == 4 * 2 * 4 * 128 * 24 == 98_304
+    # q + o, then per sequence the new row + 15 ring rows + 8 entries of 128 bf16, top-k ids, sink
+    assert dec["bytes"] == 2 * 2 * 4 * 128 * 2 + 2 * (1 + 15 + 8) * 128 * 2 + 2 * 8 * 4 + 4 * 4 == 16_464
+    # prefill: 64 tokens from 0: window rows sum_p min(16, p+1) = 904, entries sum_p min(8, (p+1)//4) = 376
+    pre = _case(rep, "window_sparse_attn", "prefill")
+    assert pre["flops"] == 4 * 4 * 128 * (904 + 376)
+    assert pre["bytes"] == 2 * 64 * 4 * 128 * 2 + (64 + 16) * 128 * 2 + 64 * 8 * 4 + 4 * 4
+    moe = [c for c in rep["cases"] if c["op"] == "moe_experts" and c["phase"] == "decode"]
+    assert [c["shape"]["experts"] for c in moe] == ["fp4", "fp8"] and "Hopper" in moe[1]["label"]
+    comp = _case(rep, "compressor", "prefill")   # x bf16 [64, 256]; wkv + wgate fp32 [256, 256] each
+    assert comp["bytes"] == 64 * 256 * 2 + 2 * 256 * 256 * 4 + 4 * 256 * 4 + 2 * 2 * (8 * 256 * 4) + 16 * 128 * 2
+    assert all(r["status"] == "timed" for c in rep["cases"] for r in c["results"])
+
+
 def test_reference_cap_skips_with_reason(tmp_path, monkeypatch):
     monkeypatch.setitem(bench.REFERENCE_CAPS, "cpu", {"default": (1e6, 1e9)})
     rc, rep = _run(tmp_path, "--ops", "fp8_linear,rms_norm", "--phase", "prefill")
@@ -84,11 +108,19 @@ def test_roofline_percent_hand_derived():
     mem = bench.Case("y", "decode", "", {}, flops=0, bytes=3.35e9, mma="bf16", build=None)
     r = bench._rates(mem, 4.0, peaks)                  # 3.35e9 B at 3.35e12 B/s = 1 ms of 4 ms
     assert r["bound"] == "memory" and r["pct_of_peak"] == pytest.approx(25.0)
+    # fp32 products are held to TF32x3 on the tensor cores (TF32 peak / 3) when that beats the FP32 FMA units
+    f32 = bench.Case("z", "prefill", "", {}, flops=494.7e9 / 3, bytes=0, mma="fp32", build=None)
+    assert bench.compute_roof({**peaks, "tf32": 494.7e12}, "fp32") == pytest.approx(164.9e12)
+    assert bench._rates(f32, 2.0, {**peaks, "tf32": 494.7e12})["pct_of_peak"] == pytest.approx(50.0)
+    assert bench.compute_roof(peaks, "fp32") == 67e12   # no TF32 figure: the FMA roof
 
 
 def test_gpu_name_lookup():
     assert bench.peaks_for_name("NVIDIA H100 80GB HBM3")[0]["hbm"] == 3.35e12
     assert bench.peaks_for_name("NVIDIA H200")[0]["hbm"] == 4.8e12
+    assert bench.peaks_for_name("NVIDIA GH200 480GB")[0]["hbm"] == 4.0e12   # not the H200 entry
+    assert bench.peaks_for_name("NVIDIA GH200 144G HBM3e")[0]["hbm"] == 4.9e12
+    assert bench.peaks_for_name("NVIDIA GH200 480GB")[0]["bf16"] == 989e12
     assert bench.peaks_for_name("NVIDIA H800")[0]["bf16"] == 989e12
     assert bench.peaks_for_name("NVIDIA H100 PCIe")[0]["hbm"] == 2.0e12   # not the SXM figures
     assert bench.peaks_for_name("NVIDIA H800 PCIe")[0] is None            # no entry: no guess

@@ -157,6 +157,37 @@ def check_float_linear():
         _assert_tol("grouped_linear", out, ref, 96, f"grouped_linear {dt}")
 
 
+def check_gemm_split_k():
+    """Small M with a long K: the plan splits K (the interpreter's virtual GPU has 8 SMs) and the fixed-order
+    reduce runs; fp8_linear, linear and grouped_linear stay within tolerance, every M of a bucket gives a row
+    the same bits, and the grouped product is one launch."""
+    from dsv4_portable.reference.quant import quant_fp8_weight
+    g = _gen(15)
+    log, recording = _launch_log()
+    x = (torch.randn(5, 1024, generator=g) * 2).to(torch.bfloat16)
+    w, ws = quant_fp8_weight(torch.randn(64, 1024, generator=g) * 0.05)
+    with recording():
+        out, ref = _run_both("fp8_linear", x, w, ws)
+    _assert_tol("fp8_linear", out, ref, 1024, "fp8_linear split-K")
+    one, _ = _run_both("fp8_linear", x[2:3], w, ws)
+    assert torch.equal(one, out[2:3]), "fp8_linear: a row differs between M=5 and M=1 (same bucket)"
+    for xdt, wdt in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)):
+        xf = torch.randn(3, 1024, generator=g).to(xdt)
+        wf = (torch.randn(40, 1024, generator=g) * 0.05).to(wdt)
+        with recording():
+            out, ref = _run_both("linear", xf, wf)
+        _assert_tol("linear", out, ref, 1024, f"linear split-K {xdt}")
+        xg = torch.randn(2, 3, 4, 1024, generator=g).to(xdt)
+        wg = (torch.randn(4, 24, 1024, generator=g) * 0.05).to(wdt)
+        with recording():
+            out, ref = _run_both("grouped_linear", xg, wg)
+        _assert_tol("grouped_linear", out, ref, 1024, f"grouped_linear split-K {xdt}")
+    names = [n for n, _, _ in log]
+    assert names.count("splitk_reduce_kernel") >= 4, names
+    grids = [grid for n, grid, _ in log if n == "float_gemm_kernel"]
+    assert (grids[-1][1], grids[-1][2]) > (1, 3), f"grouped_linear: one launch with 4 groups and K splits {grids}"
+
+
 def check_fp4_to_fp8_conversion():
     """The load-time conversion is exact: the reference gives the same bits for the FP4 weight and for its FP8
     conversion, and the Triton FP8 GEMM on the converted weight matches within tolerance."""
@@ -228,6 +259,84 @@ def check_sparse_attn_dtypes():
             q, kv, sink, idx = _attn_case(g, *shape, dt=dt)
             out, ref = _run_both("sparse_attn", q, kv, sink, idx, 128 ** -0.5)
             _assert_tol("sparse_attn", out, ref, 128, f"sparse_attn {dt} {shape}")
+
+
+def _window_case(g, b, s, h, d, w, p0, ratio, n_extra=2, k=None, dt=torch.float32):
+    """A window_sparse_attn step at positions p0..p0+s-1 with a w-slot ring, and for ratio > 0 the compressed
+    entries (n_extra more than are visible: they must never be read) stored as a slice of a longer store, so
+    comp is not contiguous; k: CSA top-k length (None: HCA)."""
+    q = torch.randn(b, s, h, d, generator=g).to(dt)
+    ring = torch.randn(b, w, d, generator=g).to(dt)
+    kv = torch.randn(b, s, d, generator=g).to(dt)
+    sink = torch.randn(h, generator=g)
+    comp = topk = None
+    if ratio:
+        n = (p0 + s) // ratio + n_extra
+        comp = torch.randn(b, n + 5, d, generator=g).to(dt)[:, :n]
+        if k is not None:
+            topk = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(b * s)]).view(b, s, k).int()
+            topk[:, :, -1] = -1                          # padding
+            topk[:, 0, 0] = n - 1                        # an entry no query can see yet
+    return q, ring, kv, comp, topk, sink, d ** -0.5, p0, ratio
+
+
+def check_window_sparse_attn():
+    """The in-place kernel against the reference (which gathers [window | kv | comp] and runs sparse_attn):
+    prefill longer than the window (rows from kv and the ring in one block), chunked prefill, decode across the
+    ring wrap, HCA before/after the first entry, CSA with padding and invisible entries, a window that is not a
+    multiple of the kv block, sinks -inf / +inf / huge, split and unsplit launches, fp16/bf16; and no workspace."""
+    from dsv4_portable.reference import attention as ref_attn
+    g = _gen(14)
+    log, recording = _launch_log()
+    real_workspace = ref_attn.window_workspace
+    cases = [  # (b, s, h, d, w, p0, ratio, k, dtype, label)
+        (1, 40, 4, 64, 16, 0, 0, None, torch.float32, "window-only prefill longer than the window"),
+        (2, 5, 4, 64, 16, 13, 0, None, torch.float32, "chunked prefill: ring and new rows in one block"),
+        (1, 1, 4, 64, 40, 97, 0, None, torch.float32, "decode across the ring wrap, window not a multiple of 32"),
+        (1, 1, 4, 64, 16, 5, 8, None, torch.float32, "HCA decode before the first entry"),
+        (2, 1, 4, 64, 16, 300, 4, None, torch.float32, "HCA decode over many entries (split-K)"),
+        (1, 12, 4, 64, 16, 3, 4, None, torch.float32, "HCA chunked prefill"),
+        (2, 1, 4, 64, 16, 400, 4, 70, torch.float32, "CSA decode (split-K)"),
+        (1, 9, 20, 64, 16, 0, 4, 3, torch.float32, "CSA prefill, 20 heads (a masked head block)"),
+        (1, 1, 16, 128, 32, 120, 4, 24, torch.float16, "CSA decode fp16"),
+        (1, 3, 16, 128, 32, 60, 128, None, torch.bfloat16, "HCA bf16"),
+    ]
+
+    def no_workspace(*a, **k):
+        raise AssertionError("the Triton provider must not build the [window | kv | comp] workspace")
+    for b, s, h, d, w, p0, ratio, k, dt, label in cases:
+        args = _window_case(g, b, s, h, d, w, p0, ratio, k=k, dt=dt)
+        if label.startswith("HCA decode over"):
+            args[5][:2] = torch.tensor([float("-inf"), float("inf")])
+            args[5][2] = 80.0
+        log.clear()
+        ref_attn.window_workspace = no_workspace
+        try:
+            with recording():
+                out = ops_run("window_sparse_attn", *args)
+        finally:
+            ref_attn.window_workspace = real_workspace
+        ref = ops_ref("window_sparse_attn", *args)
+        _assert_tol("window_sparse_attn", out, ref, w + s + (k or 0), label)
+        split = any(n == "sparse_attn_combine_kernel" for n, _, _ in log)
+        if "split-K" in label:
+            assert split, f"{label}: the split path did not run"
+        if label.startswith("HCA decode over"):
+            assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1])), "sink +inf must give 0"
+    # B*S = 0
+    args = _window_case(g, 1, 0, 4, 64, 16, 3, 4)
+    assert ops_run("window_sparse_attn", *args).shape == (1, 0, 4, 64)
+
+
+def ops_run(op_name, *args):
+    from dsv4_portable.registry import get_op
+    dev = _dev()
+    return get_op(op_name).run("triton", *[_on(a, dev) for a in args], device_type="cuda").cpu()
+
+
+def ops_ref(op_name, *args):
+    from dsv4_portable.registry import get_op
+    return get_op(op_name).run("reference", *[_cpu(a) for a in args])
 
 
 def check_split_plan():
@@ -370,19 +479,23 @@ def check_moe_batch_invariance():
         w = torch.rand(t, 3, generator=g).to(dev)
         exd, shd = _on(ex, dev), _on(sh, dev)
         from dsv4_portable import ops
+        def launches():
+            """The call's launches in order: kernel, format and tile constexprs (not the grid)."""
+            got = [(name, meta.get("FMT"), tuple((k, str(v)) for k, v in sorted(meta.items()) if k.startswith("BLOCK")))
+                   for name, _, meta in log]
+            log.clear()
+            return got
+        log.clear()
         with recording():
             full = ops.moe_experts.run("triton", x, idx, w, exd, shd, 10.0, device_type="cuda")
+        plan = launches()
         for sel in ([5], [69, 3, 17], list(range(0, t, 2)), list(range(t - 1, -1, -1))):
             sel = torch.tensor(sel, device=dev)
             with recording():
                 part = ops.moe_experts.run("triton", x[sel], idx[sel], w[sel], exd, shd, 10.0, device_type="cuda")
             assert torch.equal(part, full[sel]), f"{fmt}: rows changed with the batch ({len(sel)} of {t} tokens)"
-    # structural rule: the tile constexprs of every launch are the same whatever T is
-    tiles = {}
-    for name, _, meta in log:
-        tiles.setdefault((name, meta.get("FMT")), set()).add(
-            tuple((k, str(v)) for k, v in sorted(meta.items()) if k.startswith("BLOCK")))
-    assert all(len(v) == 1 for v in tiles.values()), f"tile shapes depend on T: {tiles}"
+            # structural rule: the same launches with the same tile constexprs whatever T is
+            assert launches() == plan, f"{fmt}: tile shapes depend on T"
 
 
 def check_moe_fp4_as_fp8():
@@ -454,7 +567,7 @@ def _worker(names):
 def _compile_worker():
     from dsv4_portable.backends.cuda import compile_check
     lines = []
-    recs = compile_check.run(90, progress=lines.append)
+    recs = compile_check.run(90, compile_check.compute_cases(), progress=lines.append)
     return {"records": recs, "log": lines}
 
 
@@ -489,18 +602,23 @@ def test_kernels_compile_for_sm90_at_v4_sizes():
     """Every launch the providers make at V4-Flash sizes compiles for sm90 (offline, no GPU), fits the shared
     memory of a block and does not spill registers; the main GEMM loops are software-pipelined."""
     pytest.importorskip("triton")
+    from dsv4_portable.backends.cuda import compile_check
     res = _spawn("compile", timeout=600)
     recs = res["records"]
     assert recs, "nothing was compiled"
     report = "\n".join(res["log"])
-    for r in recs:
-        assert r["shared_bytes"] <= 232448, f"{r['case']}: {r['kernel']} needs {r['shared_bytes']} B smem\n{report}"
-        assert r["spill_bytes"] == 0, f"{r['case']}: {r['kernel']} spills {r['spill_bytes']} B\n{report}"
+    assert not compile_check.problems(recs, 90), "\n".join(compile_check.problems(recs, 90)) + "\n" + report
+    assert {r["kernel"] for r in recs} >= {"fp8_gemm_kernel", "fp4_gemm_kernel", "float_gemm_kernel",
+                                          "sparse_attn_kernel", "window_sparse_attn_kernel",
+                                          "sparse_attn_combine_kernel", "indexer_scores_kernel",
+                                          "moe_gate_up_kernel", "moe_down_kernel", "moe_combine_kernel"}
     for r in recs:
         if r["kernel"] in ("fp8_gemm_kernel", "moe_gate_up_kernel", "moe_down_kernel"):
             assert r["async_copies"] > 0, f"{r['case']}: {r['kernel']} main loop not pipelined\n{report}"
         if r["kernel"] == "fp8_gemm_kernel" and r["case"].startswith("fp8_linear M=4096"):
             assert r["mma"] == "wgmma", f"prefill FP8 GEMM should use wgmma on sm90\n{report}"
+        if r["kernel"] in ("sparse_attn_kernel", "window_sparse_attn_kernel") and "float32" not in r["case"]:
+            assert r["mma"] in ("wgmma", "mma.sync"), f"{r['case']}: bf16 attention off the tensor cores\n{report}"
 
 
 def test_providers_unavailable_without_gpu_say_why():
@@ -539,6 +657,120 @@ def test_cpu_tensors_are_declined_outside_the_interpreter():
     assert any("runs on cuda" in r for r in reasons), reasons
 
 
+def test_gemm_plan_fills_the_gpu():
+    """plan_tiles on a 132-SM GPU at V4-Flash shapes: decode and serving-batch GEMMs get >= 128 programs through
+    narrower tiles and K splits; prefill GEMMs keep 128 x 128 tiles unsplit; the plan depends on M only through
+    its bucket."""
+    from dsv4_portable.backends.cuda.gemm import m_bucket, plan_tiles
+
+    def programs(m, n, k):
+        c = plan_tiles(m, n, 132, k // 128)
+        return -(-m // c["BLOCK_M"]) * -(-n // c["BLOCK_N"]) * c["SPLIT_K"], c
+    for m, n, k in ((1, 512, 4096), (16, 1024, 4096), (48, 512, 4096), (128, 1024, 4096), (128, 512, 4096),
+                    (256, 4096, 8192), (96, 1024, 4096)):
+        p, c = programs(m, n, k)
+        assert p >= 128, (m, n, k, c)
+    p, c = programs(4096, 4096, 4096)
+    assert (c["BLOCK_M"], c["BLOCK_N"], c["SPLIT_K"]) == (128, 128, 1), c
+    assert [m_bucket(m) for m in (1, 16, 17, 64, 65, 128, 129, 4096)] == [16, 16, 64, 64, 128, 128, 256, 4096]
+    for a, b in ((1, 16), (17, 64), (65, 128), (700, 1024)):
+        assert plan_tiles(a, 512, 132, 32) == plan_tiles(b, 512, 132, 32), (a, b)
+
+
+def test_step_varying_ints_are_not_specialised():
+    """Ints that change every decode step (positions, entry and key counts) must not be specialised on their
+    divisibility by 16: each new residue class would JIT-compile the kernel again during the first steps."""
+    pytest.importorskip("triton")
+    from dsv4_portable.devices import interpret_mode
+    if interpret_mode():
+        pytest.skip("interpreted kernels are not JITFunctions")
+    from dsv4_portable.backends.cuda import attention_kernels, compressor_kernels, indexer_kernels
+    for kernel, names in ((attention_kernels.window_sparse_attn_kernel, {"start_pos", "N", "KC"}),
+                          (attention_kernels.sparse_attn_kernel, {"N", "K"}),
+                          (indexer_kernels.indexer_scores_kernel, {"N"}),
+                          (compressor_kernels.compress_entry_kernel, {"start_pos", "w0", "n_new", "state_base"}),
+                          (compressor_kernels.compress_state_kernel, {"start_pos", "wt", "n_new", "state_base"})):
+        fixed = {p.name for p in kernel.params if p.do_not_specialize}
+        assert names <= fixed, (kernel.__name__, names - fixed)
+
+
+# ---- supports() on GPUs this machine does not have: the capability lookups are stand-ins (monkeypatch)
+def _load_cuda_providers():
+    import dsv4_portable as dsv4
+    dsv4.BACKENDS["cuda"].load_providers()
+
+
+def test_deep_gemm_declines_what_its_kernels_reject(monkeypatch):
+    """SM90: DeepGEMM's FP8 GEMM writes bf16 only, so fp32 activations (fp32 output) are declined. SM100: fp32
+    weight scales are packed to UE8M0 (exponent kept), so scales that are not powers of two are declined; the
+    check runs once per weight tensor and again after an in-place change."""
+    _load_cuda_providers()
+    from dsv4_portable import ops
+    from dsv4_portable.backends.cuda import vendor
+    sup = ops.fp8_linear.provider("deep_gemm", "cuda").supports
+    w = torch.zeros(128, 256, dtype=torch.float8_e4m3fn)
+    pow2, odd = torch.full((1, 2), 2.0 ** -7), torch.tensor([[2.0 ** -7, 0.75 * 2.0 ** -7]])
+    monkeypatch.setattr(vendor, "capability", lambda: (9, 0))
+    assert any("SM90" in r and "bf16" in r for r in sup(torch.zeros(4, 256), w, pow2))
+    assert not any("SM90" in r for r in sup(torch.zeros(4, 256, dtype=torch.bfloat16), w, odd))
+    monkeypatch.setattr(vendor, "capability", lambda: (10, 0))
+    x = torch.zeros(4, 256, dtype=torch.bfloat16)
+    assert not any("SM90" in r for r in sup(x.float(), w, pow2))
+    assert any("not powers of two" in r for r in sup(x, w, odd))
+    assert not any("powers of two" in r for r in sup(x, w, pow2))
+    assert not any("powers of two" in r for r in sup(x, w, odd.to(torch.float8_e8m0fnu)))
+    pow2[0, 1] = 3.0 * 2.0 ** -8                      # in place: the cached answer must not be reused
+    assert any("not powers of two" in r for r in sup(x, w, pow2))
+    assert any("scale_fmt None" in r for r in sup(x, w, torch.ones(1, 2), None))
+
+
+def test_flash_mla_declines_decode_and_copies(monkeypatch):
+    """flash_mla_sparse_fwd (FlashMLA's prefill kernel) runs one thread block per query and 64 heads: decode at
+    small batch is declined (the Triton split-K kernel fills the GPU), prefill is not; a kv that would be copied
+    by the [B*N, 1, D] flattening is declined."""
+    _load_cuda_providers()
+    from dsv4_portable import ops
+    from dsv4_portable.backends.cuda import vendor
+    sup = ops.sparse_attn.provider("flash_mla", "cuda").supports
+    sms = vendor.num_sms(torch.device("cpu"))
+    kv = torch.zeros(2, 300, 512, dtype=torch.bfloat16)
+    sink = torch.zeros(64)
+
+    def reasons(b, s, kv=kv[:1]):
+        return sup(torch.zeros(b, s, 64, 512, dtype=torch.bfloat16), kv, sink,
+                   torch.zeros(b, s, 128, dtype=torch.int32), 0.04)
+    assert any("decode-sized" in r and f"{sms} SMs" in r for r in reasons(1, 1))
+    assert not any("decode-sized" in r for r in reasons(1, 512))
+    assert any("would copy" in r for r in reasons(2, 1, kv[:, :200]))
+    assert not any("would copy" in r for r in reasons(1, 1, kv[:1, :200]))
+    assert vendor.flash_mla_sparse_ctas(1, 1, 64) == 1 and vendor.flash_mla_sparse_ctas(3, 2, 128) == 12
+
+
+def test_fp4_kernels_need_e4m3_capability(monkeypatch):
+    """fp4_linear and FP4 experts load e4m3 activations (Triton's fp8e4nv: sm89+): an sm80 GPU is declined
+    with the reason instead of failing to compile at the first call."""
+    _load_cuda_providers()
+    from dsv4_portable import ops
+    from dsv4_portable.backends.cuda import gemm, moe
+    from dsv4_portable.reference.moe import ExpertWeights
+    from dsv4_portable.reference.quant import quant_fp4_weight
+    if torch.cuda.is_available():
+        pytest.skip("a real GPU: its own capability decides")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    w, ws = quant_fp4_weight(torch.randn(64, 256))
+    x = torch.randn(2, 256)
+    ew = ExpertWeights("fp4", *(torch.stack([w.view(torch.uint8)] * 2) for _ in range(3)),
+                       *(torch.stack([ws] * 2) for _ in range(3)))
+    for cap, declined in (((8, 0), True), ((8, 9), False), ((9, 0), False)):
+        monkeypatch.setattr(gemm, "capability", lambda: cap)
+        monkeypatch.setattr(moe, "capability", lambda: cap)
+        r = ops.fp4_linear.provider("triton", "cuda").supports(x, w, ws)
+        assert any("8.9" in m for m in r) == declined, (cap, r)
+        r = ops.moe_experts.provider("triton", "cuda").supports(x, torch.zeros(2, 1, dtype=torch.long),
+                                                                torch.ones(2, 1), ew, None, 0.0)
+        assert any("8.9" in m for m in r) == declined, (cap, r)
+
+
 def test_route_plan_tiles_every_slot_once():
     """The MoE tile plan (pure torch, runs here without triton): every valid (token, slot) pair lands in
     exactly one tile of its expert, in (token, k) order, within the precomputed tile bound."""
@@ -560,6 +792,16 @@ def test_route_plan_tiles_every_slot_once():
             seen += slots.tolist()
         valid = ((idx >= 0) & (idx < e)).reshape(-1).nonzero().flatten().tolist()
         assert sorted(seen) == valid
+
+
+def test_identity_plan_equals_route_plan():
+    """The shared expert's closed-form tile plan is exactly route_plan's for idx all 0 (one expert, K = 1)."""
+    from dsv4_portable.backends.cuda.moe import identity_plan, route_plan
+    for t, bm in ((1, 64), (63, 64), (64, 64), (65, 64), (300, 64), (9, 4)):
+        want = route_plan(torch.zeros(t, 1, dtype=torch.long), 1, bm)
+        got = identity_plan(t, torch.device("cpu"), bm)
+        for w, g in zip(want, got):
+            assert w.dtype == g.dtype == torch.int32 and torch.equal(w, g), (t, bm, w, g)
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":

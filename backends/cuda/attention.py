@@ -1,4 +1,5 @@
-"""Triton provider of `sparse_attn`: shared-KV MQA over index lists with sinks, split-K for decode.
+"""Triton providers of `sparse_attn` and `window_sparse_attn`: shared-KV MQA over index lists with sinks,
+split-K for decode.
 
 Kernel shape: one program per (query, head block of BLOCK_H = 32 heads, split of the index list). It loads
 its BLOCK_H query rows once, then walks its part of the index list BLOCK_N rows at a time: the gathered kv rows
@@ -10,15 +11,24 @@ faster at V4 decode shapes is for the GPU benchmark to decide: MAX_HEAD_BLOCK.)
 
 Split-K: decode has one query per sequence, so (batch x head blocks) programs cannot fill the GPU. When the
 grid would cover less than half the SMs, the index list is cut into contiguous splits (whole BLOCK_N blocks, at
-least MIN_SPLIT_ROWS rows each: a split's fp32 partial, BLOCK_H x D x 4 bytes, should stay well below the
-kv bytes it reads); each split writes (acc, max, sum) and a small combine kernel merges them in split order and
-applies the sink. Large batches and prefill run unsplit, so the split count depends on the batch size and the
+least MIN_SPLIT_ROWS rows each: a split's fp32 partial, BLOCK_H x D x 4 bytes, is about the kv bytes it reads
+and stays in L2 until the combine); each split writes (acc, max, sum) and a small combine kernel merges them in
+split order and applies the sink. Large batches and prefill run unsplit, so the split count depends on the batch size and the
 last bits of a query's result may differ between split and unsplit launches (the op's tolerance covers it; the
 reference's bitwise batch invariance is not claimed here).
 
 Edge cases, as the reference defines them: invalid indices (-1 or outside [0, N)) are skipped; a row with no
 valid index gives 0; sink -inf is a plain softmax; sink +inf gives 0. No host syncs: the split plan uses shapes
 and the SM count only.
+
+window_sparse_attn (the model's attention step) runs the same design without building the reference's
+[window | kv | comp] workspace, which would copy every cached entry once per layer and step (~256 MB for a CSA
+layer at 1M context). The kernel reads the three sources in place through their own strides: its index list
+is virtual, [W window slots | padding to BLOCK_N | compressed list], where window slot j of the query at
+position p is position p - W + 1 + j, read from the ring (slot pos % W) if it is older than this step and from
+this step's rows otherwise; the compressed list is the implicit range 0..N-1 for HCA (only the visible prefix
+c < (p+1)//ratio is visited) and the indexer's top-k for CSA (entries not yet visible are skipped). No index
+tensor is materialised for the window or HCA; no host syncs. The order of the list is the reference's.
 """
 from __future__ import annotations
 
@@ -29,11 +39,16 @@ from dsv4_portable.registry import register
 
 from .common import device_reasons, triton_availability
 from .launch import launch
+from .launch_helpers import num_sms
 
 BLOCK_N = 32          # kv rows per step
 MAX_HEAD_BLOCK = 32   # heads per program
 MAX_D = 512           # fp32 accumulator BLOCK_H x D must fit the register file
-MIN_SPLIT_ROWS = 128  # smallest split on a GPU (the interpreter allows one block, to test many splits)
+# Smallest split on a GPU (the interpreter allows one block, to test many splits). A split of 64 rows reads
+# 64 KB of bf16 kv (D = 512) and writes a 64 KB fp32 partial per 32-head block; a decode batch's partials
+# (B = 1, V4 CSA: 2 head blocks x 10 splits x 64 KB) stay in L2 for the combine, and B = 1 gets 20 programs
+# instead of the 10 that 128-row splits allow (analysis; not measured on a GPU).
+MIN_SPLIT_ROWS = 64
 
 
 def _kernels():
@@ -45,12 +60,14 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
-def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    # interpreter: a small virtual GPU so that tiny test shapes take the decode paths; meta tensors (the
-    # offline compile check): an H100's 132 SMs
-    return 8 if interpret_mode() else 132
+def launch_config(dtype: torch.dtype, h: int, d: int) -> tuple[int, int, int]:
+    """(BLOCK_H, num_warps, num_stages). 16-bit q: up to MAX_HEAD_BLOCK heads, two stages. fp32 q multiplies
+    in exact fp32 on FMA units, which keeps its operands in registers and shared memory at 4 bytes: 16 heads and
+    one stage (offline sm90 compile at D = 512: ~100 KB shared memory, no spills; 32 heads spill and need
+    ~135 KB, TF32x3 needs more still)."""
+    cap, stages = (16, 1) if dtype == torch.float32 else (MAX_HEAD_BLOCK, 2)
+    block_h = min(cap, max(16, _next_pow2(h)))
+    return block_h, 8 if block_h * d >= 8192 else 4, stages
 
 
 def plan_splits(programs: int, k: int, sms: int, min_rows: int) -> tuple[int, int]:
@@ -97,15 +114,11 @@ def sparse_attn_triton(q, kv, sink, idx, scale):
         return out
     interp = interpret_mode()
     dot_dt = tl.float32 if interp else tl_dtype(q.dtype)
-    block_h = min(MAX_HEAD_BLOCK, max(16, _next_pow2(h)))
+    block_h, warps, stages = launch_config(q.dtype, h, d)
     n_hblocks = -(-h // block_h)
     n_splits, per = plan_splits(b * s * n_hblocks, k, num_sms(q.device), BLOCK_N if interp else MIN_SPLIT_ROWS)
     split = n_splits > 1
-    if split:
-        part_o = torch.empty(b * s * n_splits * h * d, dtype=torch.float32, device=q.device)
-        part_ml = torch.empty(b * s * n_splits * h * 2, dtype=torch.float32, device=q.device)
-    else:
-        part_o = part_ml = out  # unused
+    part_o, part_ml = _partials(b, s, h, d, n_splits, q.device)
     meta = dict(OUT_DT=tl_dtype(q.dtype), INTERPRET=interp)
     # grid axis 0 = (query, head block) with the head block fastest, so the programs that read the same kv
     # rows run side by side (L2 reuse); axis 1 = splits
@@ -114,23 +127,76 @@ def sparse_attn_triton(q, kv, sink, idx, scale):
            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), idx.stride(0), idx.stride(1),
            out.stride(0), out.stride(1), out.stride(2),
            SPLIT=split, DOT_DT=dot_dt, PREC=dot_precision(dot_dt), BLOCK_H=block_h, BLOCK_N=BLOCK_N,
-           BLOCK_D=_next_pow2(d), num_warps=8 if block_h * d >= 8192 else 4, num_stages=2, **meta)
+           BLOCK_D=_next_pow2(d), num_warps=warps, num_stages=stages, **meta)
     if split:
-        launch(kern.sparse_attn_combine_kernel, (b * s * h,),
-               part_o, part_ml, sink, out, s, h, d, n_splits, out.stride(0), out.stride(1), out.stride(2),
-               BLOCK_D=_next_pow2(d), num_warps=4, **meta)
+        _combine(part_o, part_ml, sink, out, n_splits, **meta)
     return out
 
 
+def _partials(b: int, s: int, h: int, d: int, n_splits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 buffers of the split partials: acc [B*S, splits, H, D] and (max, sum) [B*S, splits, H, 2]; one
+    element each (never read) when the launch does not split."""
+    if n_splits == 1:
+        one = torch.empty(1, dtype=torch.float32, device=device)
+        return one, one
+    return (torch.empty(b * s * n_splits * h * d, dtype=torch.float32, device=device),
+            torch.empty(b * s * n_splits * h * 2, dtype=torch.float32, device=device))
+
+
+def _combine(part_o, part_ml, sink, out, n_splits, **meta):
+    b, s, h, d = out.shape
+    launch(_kernels().sparse_attn_combine_kernel, (b * s * h,),
+           part_o, part_ml, sink, out, s, h, d, n_splits, out.stride(0), out.stride(1), out.stride(2),
+           BLOCK_D=_next_pow2(d), num_warps=4, **meta)
+
+
 def _window_supports(q, window, kv, comp, topk, sink, scale, start_pos, ratio):
-    return device_reasons(*(t for t in (q, window, kv, comp, topk, sink) if t is not None)) + _kernel_reasons(q, sink)
+    tensors = [t for t in (q, window, kv, comp, topk, sink) if t is not None]
+    reasons = device_reasons(*tensors) + _kernel_reasons(q, sink)
+    for name, t in (("q", q), ("window", window), ("kv", kv), ("comp", comp), ("topk", topk)):
+        if t is not None and t.shape[-1] > 1 and t.stride(-1) != 1:
+            reasons.append(f"'{name}' needs a unit-stride last dim (strides {tuple(t.stride())}); the kernel reads "
+                           "it in place and does not copy it")
+    if topk is not None and topk.dtype != torch.int32:
+        reasons.append(f"topk dtype {topk.dtype} not supported (int32)")
+    return reasons
 
 
 @register("window_sparse_attn", "triton", "cuda", available=triton_availability, supports=_window_supports,
-          note="the sparse_attn kernel over [window | new rows | compressed entries] gathered into one workspace")
+          note="Triton split-K online softmax reading the window ring, this step's rows and the compressed entries "
+               "in place (window and HCA indices computed in-kernel, CSA top-k read as given)")
 def window_sparse_attn_triton(q, window, kv, comp, topk, sink, scale, start_pos, ratio):
-    # The copy into one workspace costs O(cache) per step; a kernel reading the three sources in place is the
-    # next step (the index lists are already built on the device, without a host sync).
-    from dsv4_portable.reference.attention import window_workspace
-    rows, idx = window_workspace(window, kv, comp, topk, start_pos, ratio)
-    return sparse_attn_triton(q, rows, sink, idx, scale)
+    import triton.language as tl
+    from .tl_helpers import dot_precision, tl_dtype
+    kern = _kernels()
+    b, s, h, d = q.shape
+    w = window.shape[1]
+    sink = sink.contiguous()
+    out = torch.empty(b, s, h, d, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    mode = 0 if not ratio else (2 if topk is not None else 1)
+    n = comp.shape[1] if mode else 0
+    kc = topk.shape[-1] if mode == 2 else n              # length of the compressed part of the list
+    w_pad = -(-w // BLOCK_N) * BLOCK_N
+    comp_t = comp if mode else kv                        # unused pointers get a valid tensor
+    topk_t = topk if mode == 2 else sink
+    interp = interpret_mode()
+    dot_dt = tl.float32 if interp else tl_dtype(q.dtype)
+    block_h, warps, stages = launch_config(q.dtype, h, d)
+    n_hblocks = -(-h // block_h)
+    n_splits, per = plan_splits(b * s * n_hblocks, w_pad + kc, num_sms(q.device),
+                                BLOCK_N if interp else MIN_SPLIT_ROWS)
+    part_o, part_ml = _partials(b, s, h, d, n_splits, q.device)
+    meta = dict(OUT_DT=tl_dtype(q.dtype), INTERPRET=interp)
+    launch(kern.window_sparse_attn_kernel, (b * s * n_hblocks, n_splits),
+           q, window, kv, comp_t, topk_t, sink, out, part_o, part_ml, s, h, w, w_pad, n, kc, d,
+           float(scale), int(start_pos), int(ratio), per, n_splits, n_hblocks,
+           q.stride(0), q.stride(1), q.stride(2), window.stride(0), window.stride(1), kv.stride(0), kv.stride(1),
+           comp_t.stride(0), comp_t.stride(1), topk_t.stride(0) if mode == 2 else 0,
+           topk_t.stride(1) if mode == 2 else 0, out.stride(0), out.stride(1), out.stride(2),
+           MODE=mode, SPLIT=n_splits > 1, DOT_DT=dot_dt, PREC=dot_precision(dot_dt), BLOCK_H=block_h,
+           BLOCK_N=BLOCK_N, BLOCK_D=_next_pow2(d), num_warps=warps, num_stages=stages, **meta)
+    if n_splits > 1:
+        _combine(part_o, part_ml, sink, out, n_splits, **meta)
+    return out

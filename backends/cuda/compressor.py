@@ -71,7 +71,7 @@ def compressor_triton(x, wkv, wgate, ape, norm_weight, cos, sin, kv_state, score
     if b and n_new:
         block_d = next_pow2(d)
         block_r = max(1, min(next_pow2(ratio), TILE_ELEMS // block_d))
-        launch(k_mod.compress_entry_kernel, (b, n_new), kv, score, kv_state, score_state, ape, norm_weight, cos,
+        launch(k_mod.compress_entry_kernel, (n_new, b), kv, score, kv_state, score_state, ape, norm_weight, cos,
                sin, out, s, start_pos, w0, n_new, state_base, state_rows, c, d, float(d), ratio,
                d - 2 * cos.shape[-1], cos.stride(0), sin.stride(0), float(eps), float(d) ** -0.5,
                OVERLAP=overlap, BLOCK_R=block_r, BLOCK_D=block_d, QUANT=bool(quant),

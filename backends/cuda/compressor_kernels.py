@@ -3,7 +3,7 @@
 Inputs are the fp32 projections kv, score [B*S, C] of the S new tokens (C = coff*d; torch matmul on the host),
 the decode state kv_state / score_state [B, coff*ratio, C] and the positional bias ape [ratio, C].
 
-compress_entry_kernel: one program per (batch row, new entry). Entry j covers window w = w0 + j: ratio rows of
+compress_entry_kernel: one program per (new entry, batch row). Entry j covers window w = w0 + j: ratio rows of
 features [0, d) (ratio 4: 2*ratio rows, the first ratio from window w-1 and features [0, d) of those rows, the
 next ratio from window w and features [d, 2d)). A row at absolute position p comes from the state when
 p < start_pos (slot p - state_base: the previous window sits in slots [0, ratio), the current in [cur0, ...)),
@@ -77,15 +77,15 @@ def _pool_rows(m_run, l_run, acc, kv_rows, sc_rows, kvs_rows, scs_rows, ape_ptr,
     return m_run, l_run, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["start_pos", "w0", "n_new", "state_base"])   # change every step
 def compress_entry_kernel(kv_ptr, sc_ptr, kvs_ptr, scs_ptr, ape_ptr, nw_ptr, cos_ptr, sin_ptr, out_ptr,
                           S, start_pos, w0, n_new, state_base, state_rows, C, d, d_f, ratio, nope, cos_stride,
                           sin_stride, eps, hadamard_scale,
                           OVERLAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                           QUANT: tl.constexpr, ROTATE: tl.constexpr, LOG2_D: tl.constexpr,
                           OUT_DT: tl.constexpr, INTERPRET: tl.constexpr):
-    b = tl.program_id(0)
-    j = tl.program_id(1)
+    j = tl.program_id(0)        # entries on axis x: a 1M-token prompt has 262144 of them (y allows 65535)
+    b = tl.program_id(1)
     w = w0 + j
     f = tl.arange(0, BLOCK_D)
     fmask = f < d
@@ -158,7 +158,7 @@ def _state_row(kv_rows, sc_rows, kvs_rows, scs_rows, ape_ptr, p, c, cm, start_po
     return kv, sc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["start_pos", "wt", "n_new", "state_base"])
 def compress_state_kernel(kv_ptr, sc_ptr, kvs_ptr, scs_ptr, ape_ptr, S, start_pos, wt, n_new, state_base,
                           state_rows, C, ratio, OVERLAP: tl.constexpr, BLOCK_C: tl.constexpr):
     b = tl.program_id(0)

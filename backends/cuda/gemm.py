@@ -11,10 +11,17 @@ so a bf16 tensor-core product with fp32 accumulation reproduces the exact-produc
 at bf16 MMA rate. On Hopper (no FP4 MMA) the faster route for FP4 weights is to convert them once at load time
 with `fp4_weight_as_fp8` (exact, see below) and use fp8_linear.
 
-Configs are fixed per M bucket (no autotuning, no host syncs): decode-sized M uses narrow tiles so that the
-weight stream is spread over enough programs; M > 64 uses 128x128 tiles, 8 warps, 3 stages (Hopper-sized).
-Results are therefore not batch-invariant across M buckets (each bucket is deterministic); moe_experts is the op
-whose contract needs invariance (see moe.py).
+Launch plan (plan_tiles; no autotuning, no host syncs): the tile shape is fixed per M bucket (M <= 16, <= 64,
+then one bucket per power of two), and within it the plan fills the GPU: BLOCK_N narrows (128 -> 32 for decode,
+128 -> 64 above, then BLOCK_M 128 -> 64) until the tiles cover the SMs, and when they still do not, K is split
+into at most MAX_SPLIT_K contiguous ranges of at least MIN_SPLIT_KBLOCKS 128-deep blocks. Each split writes an
+fp32 partial and splitk_reduce_kernel adds them in split order, so results are deterministic. A decode GEMM such as wkv
+(M <= 16, N = 512, K = 4096) then streams its weight through 128 programs instead of 16; the extra traffic is
+the fp32 partials (M x N x 4 bytes per split), far below the weight bytes (analysis, not measured on a GPU).
+A row's result depends only on its M bucket, N, K and the SM count: bitwise the same for every M of a bucket
+(the conformance cases' batch-invariance check), possibly different in the last bits across buckets (different
+tiles and splits add in different orders); moe_experts is the op whose contract needs invariance across all
+batch sizes (see moe.py).
 """
 from __future__ import annotations
 
@@ -48,16 +55,50 @@ def _num_sms(device: torch.device) -> int:
     return 8 if interpret_mode() else 132
 
 
-def plan_tiles(m: int, n: int, num_sms: int) -> dict:
-    """Fixed tile configs by M bucket (decode, small batch, prefill); BLOCK_N narrows until the grid covers
-    the GPU so that a decode GEMM streams its weight through enough SMs."""
-    if m > 64:
-        return dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)
-    block_m = 16 if m <= 16 else 64
-    block_n = 128
-    while block_n > 32 and -(-m // block_m) * -(-n // block_n) < num_sms:
-        block_n //= 2
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8, num_warps=4, num_stages=4)
+MAX_SPLIT_K = 16
+MIN_SPLIT_KBLOCKS = 4     # 128-deep K blocks per split at least (512 of K)
+
+
+def m_bucket(m: int) -> int:
+    """The M that sizes the launch plan: 16, 64, then the next power of two (every M of a bucket gets the same
+    tiles and splits, hence the same bits per row)."""
+    return 16 if m <= 16 else 64 if m <= 64 else 1 << (m - 1).bit_length()
+
+
+def plan_tiles(m: int, n: int, num_sms: int, k_blocks: int = 1) -> dict:
+    """Tile config and K split for an [M, N] output over k_blocks 128-deep blocks of K (see the module doc)."""
+    mb = m_bucket(m)
+    if mb > 64:
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)
+        narrowest = 64
+    else:
+        cfg = dict(BLOCK_M=mb, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=4)
+        narrowest = 32
+
+    def tiles():
+        return -(-mb // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"])
+    while cfg["BLOCK_N"] > narrowest and tiles() < num_sms:
+        cfg["BLOCK_N"] //= 2
+    if mb > 64 and cfg["BLOCK_N"] < 128:      # 128 x 64, then 64 x 64 tiles: one warp group
+        cfg.update(num_warps=4, num_stages=4)
+        if tiles() < num_sms:
+            cfg["BLOCK_M"] = 64
+    cfg["SPLIT_K"] = max(1, min(-(-num_sms // tiles()), k_blocks // MIN_SPLIT_KBLOCKS, MAX_SPLIT_K))
+    return cfg
+
+
+def _splitk_buffers(cfg: dict, groups: int, m: int, n: int, device) -> tuple[torch.Tensor, int]:
+    """(fp32 partials [groups, splits, M, N] or a 1-element dummy, splits)."""
+    splits = cfg.pop("SPLIT_K")
+    size = groups * splits * m * n if splits > 1 else 1
+    return torch.empty(size, dtype=torch.float32, device=device), splits
+
+
+def _reduce_splits(part, out, splits, m, n, groups, stride_cm, stride_cg):
+    from .tl_helpers import tl_dtype
+    block = 1024
+    launch(_kernels().splitk_reduce_kernel, (_cdiv(m * n, block), groups), part, out, m, n, splits, stride_cm,
+           stride_cg, OUT_DT=tl_dtype(out.dtype), INTERPRET=interpret_mode(), BLOCK=block, num_warps=4)
 
 
 def _common_reasons(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, min_cc: tuple[int, int],
@@ -80,7 +121,8 @@ def _supports_fp8(x, w, w_scale, scale_fmt="ue8m0"):
 
 
 def _supports_fp4(x, w, w_scale, scale_fmt="ue8m0"):
-    return _common_reasons(x, w, w_scale, (8, 0), "bf16 tl.dot")
+    # bf16 products, but the kernel loads the e4m3 activations: Triton's fp8e4nv type needs sm89+
+    return _common_reasons(x, w, w_scale, (8, 9), "loading e4m3 activations (fp8e4nv)")
 
 
 def _scale_arg(w_scale: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -106,11 +148,17 @@ def fp8_linear_triton(x, w, w_scale, scale_fmt="ue8m0"):
     m = xq.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m and n:
-        cfg = plan_tiles(m, n, _num_sms(x.device))
+        kb = k // 128
+        cfg = plan_tiles(m, n, _num_sms(x.device), kb)
+        part, splits = _splitk_buffers(cfg, 1, m, n, x.device)
+        per = _cdiv(kb, splits)
+        splits = _cdiv(kb, per) if kb else 1
         ws, e8m0 = _scale_arg(w_scale)
-        grid = (_cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]),)
-        launch(k_mod.fp8_gemm_kernel, grid, xq, xs, w, ws, out, m, n, k, xq.stride(0), out.stride(0),
-               BS_E8M0=e8m0, OUT_DT=tl_dtype(x.dtype), INTERPRET=interpret_mode(), **cfg)
+        grid = (_cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]), splits)
+        launch(k_mod.fp8_gemm_kernel, grid, xq, xs, w, ws, out, part, m, n, k, xq.stride(0), out.stride(0), per,
+               BS_E8M0=e8m0, OUT_DT=tl_dtype(x.dtype), INTERPRET=interpret_mode(), SPLIT=splits > 1, **cfg)
+        if splits > 1:
+            _reduce_splits(part, out, splits, m, n, 1, out.stride(0), 0)
     return out.view(*x.shape[:-1], n)
 
 
@@ -125,7 +173,8 @@ def fp4_linear_triton(x, w, w_scale, scale_fmt="ue8m0"):
     m = xq.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m and n:
-        cfg = plan_tiles(m, n, _num_sms(x.device))
+        cfg = plan_tiles(m, n, _num_sms(x.device))    # k_blocks 1: no split (the FP4 kernel does not split K)
+        cfg.pop("SPLIT_K")
         ws, e8m0 = _scale_arg(w_scale)
         grid = (_cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]),)
         interp = interpret_mode()
@@ -162,25 +211,50 @@ def _supports_float(x, w):
     return reasons
 
 
-@register("linear", "triton", "cuda", available=triton_availability, supports=_supports_float,
-          note="Triton GEMM for float weights (bf16 weight mode, the fp32 head): fp32 accumulation")
-def linear_triton(x, w):
+def _float_gemm(x3: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+    """out[:, g] = x3[:, g] @ w[g]^T for every group g in one launch (grid axis 2), split over K when the tiles
+    alone cannot fill the GPU. x3 [M, G, K] (unit last stride), w [G, N, K] contiguous, out [M, G, N]."""
     import triton.language as tl
     from .tl_helpers import dot_precision, tl_dtype
+    m, groups, k = x3.shape
+    n = w.shape[1]
+    interp = interpret_mode()
+    exact16 = x3.dtype == w.dtype and x3.dtype in (torch.bfloat16, torch.float16)
+    # the interpreter's bf16 dot is wrong (DESIGN.md section 3): fp32 there, exact for bf16 inputs anyway
+    dot_dt = tl_dtype(x3.dtype) if exact16 and not interp else tl.float32
+    block_k = 64 if dot_dt != tl.float32 else 32
+    # fp32 operands: exact fp32 FMAs while the product is memory-bound (M <= 16: the fp32 head at decode);
+    # above, TF32x3 on the tensor cores (split products, relative error ~2^-21 per product, well inside the
+    # op's fp32 tolerance): sm90 compiles the 64-row head tile to wgmma without spills, where the FMA tile
+    # spilled (compile_check). The interpreter computes exact fp32 either way.
+    precision = dot_precision(dot_dt)
+    if dot_dt == tl.float32 and not exact16 and m_bucket(m) > 16 and not interp:
+        precision = "tf32x3"
+    k_steps = _cdiv(k, block_k)
+    # split granularity: MIN_SPLIT_KBLOCKS x 128 of K, in whole BLOCK_K steps
+    cfg = plan_tiles(m, n * groups, _num_sms(x3.device), _cdiv(k, 128))
+    part, splits = _splitk_buffers(cfg, groups, m, n, x3.device)
+    per = _cdiv(k_steps, splits) * block_k
+    splits = _cdiv(k, per) if k else 1
+    grid = (_cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]), splits, groups)
+    launch(_kernels().float_gemm_kernel, grid, x3, w, out, part, m, n, k, x3.stride(0), out.stride(0), per,
+           x3.stride(1), w.stride(0), out.stride(1), OUT_DT=tl_dtype(out.dtype), DOT_DT=dot_dt,
+           PRECISION=precision, INTERPRET=interp, SPLIT=splits > 1, BLOCK_K=block_k, **cfg)
+    if splits > 1:
+        _reduce_splits(part, out, splits, m, n, groups, out.stride(0), out.stride(1))
+
+
+@register("linear", "triton", "cuda", available=triton_availability, supports=_supports_float,
+          note="Triton GEMM for float weights (bf16 weight mode, the fp32 head): fp32 accumulation, deterministic "
+               "split-K when the tiles cannot fill the GPU")
+def linear_triton(x, w):
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m, (n, k) = x2.shape[0], w.shape
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m and n:
-        cfg = plan_tiles(m, n, _num_sms(x.device))
-        interp = interpret_mode()
-        exact16 = x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16)
-        # the interpreter's bf16 dot is wrong (DESIGN.md section 3): fp32 there, exact for bf16 inputs anyway
-        dot_dt = tl_dtype(x.dtype) if exact16 and not interp else tl.float32
-        launch(_kernels().float_gemm_kernel, (_cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]),), x2, w, out, m, n,
-               k, x2.stride(0), out.stride(0), OUT_DT=tl_dtype(x.dtype), DOT_DT=dot_dt,
-               PRECISION=dot_precision(dot_dt), INTERPRET=interp, BLOCK_K=64 if dot_dt != tl.float32 else 32, **cfg)
+        _float_gemm(x2.unsqueeze(1), w.unsqueeze(0), out.unsqueeze(1))
     return out.view(*x.shape[:-1], n)
 
 
@@ -189,24 +263,14 @@ def _supports_grouped(x, w):
 
 
 @register("grouped_linear", "triton", "cuda", available=triton_availability, supports=_supports_grouped,
-          note="the float GEMM once per group (wo_a: 8 groups on V4-Flash, 16 on Pro)")
+          note="the float GEMM with the group as a grid axis (wo_a: 8 groups on V4-Flash, 16 on Pro), one launch")
 def grouped_linear_triton(x, w):
-    import triton.language as tl
-    from .tl_helpers import dot_precision, tl_dtype
     g_count, n, k = w.shape
     x3 = x.reshape(-1, g_count, k)
-    if x3.stride(-1) != 1 or x3.stride(1) != k:
+    if x3.stride(-1) != 1:
         x3 = x3.contiguous()
     m = x3.shape[0]
     out = torch.empty(m, g_count, n, dtype=x.dtype, device=x.device)
     if m and n:
-        cfg = plan_tiles(m, n, _num_sms(x.device))
-        interp = interpret_mode()
-        exact16 = x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16)
-        dot_dt = tl_dtype(x.dtype) if exact16 and not interp else tl.float32
-        for grp in range(g_count):       # rows of group grp: x3[:, grp] (row stride G*K) -> out[:, grp] (G*N)
-            launch(_kernels().float_gemm_kernel, (_cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]),),
-                   x3[:, grp], w[grp], out[:, grp], m, n, k, x3.stride(0), out.stride(0), OUT_DT=tl_dtype(x.dtype),
-                   DOT_DT=dot_dt, PRECISION=dot_precision(dot_dt), INTERPRET=interp,
-                   BLOCK_K=64 if dot_dt != tl.float32 else 32, **cfg)
+        _float_gemm(x3, w, out)
     return out.view(*x.shape[:-2], g_count, n)

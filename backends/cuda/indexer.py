@@ -18,7 +18,7 @@ from dsv4_portable.registry import register
 from .common import device_reasons, triton_availability
 from .launch import launch
 
-BLOCK_T = 64            # keys per program
+BLOCK_T = 64            # keys per program (16-bit inputs; see score_config)
 SCORE_BUDGET = 1 << 25  # fp32 score elements materialised at once (128 MiB)
 MAX_HEADS = 128
 MAX_DIM = 256
@@ -31,6 +31,17 @@ def _kernels():
 
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
+
+
+def score_config(dtype: torch.dtype, block_h: int, block_d: int) -> tuple[int, int]:
+    """(keys per program, num_warps). 16-bit inputs run on the tensor cores: 64 keys, 8 warps once the query
+    tile passes 64 x 128 (offline sm90 compile: 128 heads x 256 dims spill at 4 warps). fp32 inputs multiply in
+    exact fp32 on FMA units, whose operands live in registers: 32 keys (16 beyond 64 x 128) at 8 warps keep
+    every accepted shape free of spills (64 keys spilled 7 KB at V4's 64 x 128)."""
+    tile = block_h * block_d
+    if dtype == torch.float32:
+        return (32 if tile <= 8192 else 16), 8
+    return BLOCK_T, (4 if tile <= 8192 else 8)
 
 
 def _supports(q, k, w, visible, topk):
@@ -62,12 +73,14 @@ def indexer_scores_triton(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, vis
     visible = visible.contiguous()
     dot_dt = tl.float32 if interpret_mode() else tl_dtype(q.dtype)
     block_s = 1 if s <= 4 else 16
-    launch(_kernels().indexer_scores_kernel, (-(-n // BLOCK_T), -(-s // block_s), b),
+    block_h, block_d = max(16, _next_pow2(h)), max(16, _next_pow2(di))
+    block_t, warps = score_config(q.dtype, block_h, block_d)
+    launch(_kernels().indexer_scores_kernel, (-(-n // block_t), -(-s // block_s), b),
         q, k, w, visible, out, s, n, h, di,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
         visible.stride(0), out.stride(0), out.stride(1),
-        DOT_DT=dot_dt, PREC=dot_precision(dot_dt), BLOCK_T=BLOCK_T, BLOCK_H=max(16, _next_pow2(h)),
-        BLOCK_D=max(16, _next_pow2(di)), BLOCK_S=block_s, num_warps=4, num_stages=2)
+        DOT_DT=dot_dt, PREC=dot_precision(dot_dt), BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
+        BLOCK_S=block_s, num_warps=warps, num_stages=2)
     return out
 
 

@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])   # the key count grows every decode step
 def indexer_scores_kernel(q_ptr, k_ptr, w_ptr, vis_ptr, out_ptr, S, N, H, DI,
                           stride_qb, stride_qs, stride_qh, stride_kb, stride_kn, stride_wb, stride_ws,
                           stride_vb, stride_ob, stride_os,

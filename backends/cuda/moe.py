@@ -12,7 +12,8 @@ Flow (no host syncs; every size below is known from shapes):
    h to the activation dtype and, for fp8/fp4 experts, quantises h to fp8 in the epilogue (the 128 columns
    of a tile are exactly one activation-quant block). h is written per slot.
 4. Down: one grouped launch y[slot] = h[slot] @ w2^T, in the activation dtype.
-5. The shared expert runs through the same two kernels (one expert, every token, no routing weight).
+5. The shared expert runs through the same two kernels (one expert, every token, no routing weight), its down
+   projection with narrower column tiles (SHARED_DOWN_CFG) so that decode spreads w2 over more programs.
 6. Ordered combine (one kernel): out[t] = act(0 + shared[t] + y[t, 0] + ... + y[t, K-1]) in fp32, slots with
    idx -1 contributing +0, exactly the reference's ordered_combine.
 
@@ -45,6 +46,11 @@ MOE_BLOCK_M = 64
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) per format for gate/up (two accumulators) and down.
 GATE_UP_CFG = {"bf16": (128, 64, 8, 3), "fp8": (128, 128, 8, 3), "fp4": (128, 32, 8, 3)}
 DOWN_CFG = {"bf16": (128, 64, 4, 3), "fp8": (128, 128, 4, 3), "fp4": (128, 64, 8, 2)}
+# The shared expert's down projection: every token, one expert, so at decode its grid is one row tile wide;
+# 32 columns per program give D/32 programs (128 at V4-Flash) instead of D/128 to stream w2. A constant, like
+# the others: a row's result does not depend on T. (Its gate/up pass keeps BLOCK_N = 128: the fused fp8
+# quantisation of h needs one 128-column activation block per program.)
+SHARED_DOWN_CFG = {"bf16": (32, 64, 4, 3), "fp8": (32, 128, 4, 3), "fp4": (32, 64, 4, 2)}
 COMBINE_BLOCK_D = 512
 _FMT_ID = {"bf16": 0, "fp8": 1, "fp4": 2}
 _FLOAT = (torch.bfloat16, torch.float16, torch.float32)
@@ -87,6 +93,18 @@ def route_plan(idx: torch.Tensor, num_experts: int, block_m: int = MOE_BLOCK_M):
     return order, torch.where(used, e, -1).to(torch.int32), row0.to(torch.int32), rows.to(torch.int32)
 
 
+def identity_plan(t: int, device, block_m: int = MOE_BLOCK_M):
+    """route_plan's result for one expert that every token uses once (the shared expert: idx all 0, K = 1),
+    in closed form: slots in order, full tiles of block_m rows, one unused tile. A handful of device ops instead
+    of route_plan's sort and scans on every call."""
+    used_tiles = _cdiv(t, block_m)
+    tid = torch.arange(used_tiles + min(1, t), dtype=torch.int32, device=device)
+    used = tid < used_tiles
+    zero = torch.zeros((), dtype=torch.int32, device=device)
+    return (torch.arange(t, dtype=torch.int32, device=device), torch.where(used, zero, zero - 1),
+            torch.where(used, tid * block_m, zero), torch.where(used, (t - tid * block_m).clamp(max=block_m), zero))
+
+
 def _weight_reasons(ew: ExpertWeights, name: str) -> list[str]:
     reasons = [] if ew.num_experts > 0 else [f"{name}: no experts"]
     if ew.fmt == "bf16":
@@ -105,8 +123,10 @@ def _weight_reasons(ew: ExpertWeights, name: str) -> list[str]:
             reasons.append(f"{name}: s1 and s3 must share a dtype (one gate/up launch)")
         if ew.scale_fmt not in ("ue8m0", None):
             reasons.append(f"{name}: scale_fmt {ew.scale_fmt!r} not supported")
-        if ew.fmt == "fp8" and not interpret_mode() and torch.cuda.is_available() and capability() < (8, 9):
-            reasons.append(f"{name}: fp8 experts need compute capability >= 8.9 (fp8 tl.dot)")
+        if not interpret_mode() and torch.cuda.is_available() and capability() < (8, 9):
+            # fp8: fp8 tl.dot; fp4: the kernels load e4m3 activations (Triton's fp8e4nv type needs sm89+)
+            reasons.append(f"{name}: {ew.fmt} experts need compute capability >= 8.9 (e4m3 activations), this GPU "
+                           f"is {capability()[0]}.{capability()[1]}")
     for f in ("w1", "w2", "w3", "s1", "s2", "s3"):
         t = getattr(ew, f)
         if t is not None and not t.is_contiguous():
@@ -150,7 +170,8 @@ def _scales(t: torch.Tensor | None, like: torch.Tensor):
     return t, False
 
 
-def _expert_pass(x, xq, xs, idx, route_w, ew: ExpertWeights, swiglu_limit: float) -> torch.Tensor:
+def _expert_pass(x, xq, xs, idx, route_w, ew: ExpertWeights, swiglu_limit: float,
+                 down_cfg: dict = DOWN_CFG) -> torch.Tensor:
     """Run one ExpertWeights over the (token, slot) pairs of idx; returns y [T*K, D] per slot (act dtype)."""
     from .tl_helpers import dot_precision, tl_dtype
     kern = _kernels()
@@ -164,7 +185,10 @@ def _expert_pass(x, xq, xs, idx, route_w, ew: ExpertWeights, swiglu_limit: float
     prec = dot_precision(dot_dt)
     if tk == 0:
         return torch.empty(0, d, dtype=x.dtype, device=x.device)
-    order, tile_expert, tile_row0, tile_rows = route_plan(idx, e_count, MOE_BLOCK_M)
+    if route_w is None and k == 1 and e_count == 1:      # the shared expert: every token, once
+        order, tile_expert, tile_row0, tile_rows = identity_plan(t, x.device, MOE_BLOCK_M)
+    else:
+        order, tile_expert, tile_row0, tile_rows = route_plan(idx, e_count, MOE_BLOCK_M)
     n_tiles = tile_expert.numel()
     a, a_s = (xq, xs) if quant else (x, x)
     if quant:
@@ -189,7 +213,7 @@ def _expert_pass(x, xq, xs, idx, route_w, ew: ExpertWeights, swiglu_limit: float
         UE8M0=ew.scale_fmt == "ue8m0", ACT_DT=act, DOT_DT=dot_dt, PREC=prec, INTERPRET=interp,
         BLOCK_M=MOE_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     y = torch.empty(tk, d, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, stages = DOWN_CFG[fmt]
+    block_n, block_k, warps, stages = down_cfg[fmt]
     launch(kern.moe_down_kernel, (n_tiles, _cdiv(d, block_n)),
         h, hs, w2, s2, order, tile_expert, tile_row0, tile_rows, y, inter, d,
         h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0) if quant else 0, s2.stride(1) if quant else 0,
@@ -224,7 +248,7 @@ def moe_experts_triton(x, idx, weights, experts, shared=None, swiglu_limit=0.0):
     y_shared = None
     if shared is not None:
         all_tokens = torch.zeros(t, 1, dtype=torch.int32, device=x.device)
-        y_shared = _expert_pass(x, *inputs(shared), all_tokens, None, shared, swiglu_limit)
+        y_shared = _expert_pass(x, *inputs(shared), all_tokens, None, shared, swiglu_limit, SHARED_DOWN_CFG)
     launch(_kernels().moe_combine_kernel, (t, _cdiv(d, COMBINE_BLOCK_D)),
         y, y_shared if y_shared is not None else y, idx, out, d, k, experts.num_experts,
         HAS_SHARED=y_shared is not None, ACT_DT=tl_dtype(x.dtype), INTERPRET=interpret_mode(),

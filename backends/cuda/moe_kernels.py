@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tl_helpers import cast_out, fp4_to_f32, load_scale, quant_fp8_block, round_to
+from .tl_helpers import cast_out, fp4_tile, load_scale, quant_fp8_block, round_to
 
 
 @triton.jit
@@ -44,7 +44,7 @@ def _a_tile(a_ptr, as_ptr, rows, mask_r, k0, K, stride_a, FMT: tl.constexpr, DOT
 @triton.jit
 def _w_product(a, a_s, w_ptr, s_ptr, e, offs_n, mask_n, k0, K, stride_we, stride_wn, stride_se, stride_sn,
                FMT: tl.constexpr, S_E8M0: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
-               BLOCK_K: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """a @ W_e[offs_n, k0:k0+BLOCK_K]^T in fp32, with the format's scales applied."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     w_e = w_ptr + e.to(tl.int64) * stride_we
@@ -53,9 +53,9 @@ def _w_product(a, a_s, w_ptr, s_ptr, e, offs_n, mask_n, k0, K, stride_we, stride
         offs_kh = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         packed = tl.load(w_e + offs_n[:, None].to(tl.int64) * stride_wn + offs_kh[None, :],
                          mask=mask_n[:, None], other=0).to(tl.int32)
-        codes = tl.interleave(packed & 0xF, (packed >> 4) & 0xF)                    # [BLOCK_N, BLOCK_K]
-        sc = load_scale(s_e + offs_n[:, None] * stride_sn + offs_k[None, :] // 32, mask_n[:, None], S_E8M0)
-        part = tl.dot(a, tl.trans((fp4_to_f32(codes) * sc).to(DOT_DT)))
+        sc = load_scale(s_e + offs_n[:, None] * stride_sn + k0 // 32 + tl.arange(0, BLOCK_K // 32)[None, :],
+                        mask_n[:, None], S_E8M0)                                    # [BLOCK_N, BLOCK_K / 32]
+        part = tl.dot(a, tl.trans(fp4_tile(packed, sc, BLOCK_N, BLOCK_K).to(DOT_DT)))
     else:
         b = tl.load(w_e + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None],
                     mask=mask_n[None, :] & (offs_k < K)[:, None], other=0.0).to(DOT_DT)  # [BLOCK_K, BLOCK_N]
@@ -89,9 +89,9 @@ def moe_gate_up_kernel(x_ptr, xs_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr,
         for k0 in range(0, D, BLOCK_K):
             a, a_s = _a_tile(x_ptr, xs_ptr, tok, mask_r, k0, D, stride_x, FMT, DOT_DT, BLOCK_K)
             acc_g += _w_product(a, a_s, w1_ptr, s1_ptr, e, offs_n, mask_n, k0, D, stride_we, stride_wn,
-                                stride_se, stride_sn, FMT, S_E8M0, DOT_DT, PREC, BLOCK_K)
+                                stride_se, stride_sn, FMT, S_E8M0, DOT_DT, PREC, BLOCK_N, BLOCK_K)
             acc_u += _w_product(a, a_s, w3_ptr, s3_ptr, e, offs_n, mask_n, k0, D, stride_we, stride_wn,
-                                stride_se, stride_sn, FMT, S_E8M0, DOT_DT, PREC, BLOCK_K)
+                                stride_se, stride_sn, FMT, S_E8M0, DOT_DT, PREC, BLOCK_N, BLOCK_K)
         g = round_to(acc_g, ACT_DT, INTERPRET)
         u = round_to(acc_u, ACT_DT, INTERPRET)
         if CLAMP:
@@ -126,7 +126,7 @@ def moe_down_kernel(h_ptr, hs_ptr, w2_ptr, s2_ptr, order_ptr, tile_expert_ptr, t
         for k0 in range(0, I, BLOCK_K):
             a, a_s = _a_tile(h_ptr, hs_ptr, slot, mask_r, k0, I, stride_h, FMT, DOT_DT, BLOCK_K)
             acc += _w_product(a, a_s, w2_ptr, s2_ptr, e, offs_n, mask_n, k0, I, stride_we, stride_wn,
-                              stride_se, stride_sn, FMT, S_E8M0, DOT_DT, PREC, BLOCK_K)
+                              stride_se, stride_sn, FMT, S_E8M0, DOT_DT, PREC, BLOCK_N, BLOCK_K)
         tl.store(y_ptr + slot[:, None].to(tl.int64) * stride_y + offs_n[None, :], cast_out(acc, ACT_DT, INTERPRET),
                  mask=mask_r[:, None] & mask_n[None, :])
 

@@ -99,6 +99,16 @@ def fp4_to_f32(code):
 
 
 @triton.jit
+def fp4_tile(packed, scales, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Dequantised FP4 weight tile [BLOCK_N, BLOCK_K] fp32 from its packed bytes (int32 [BLOCK_N, BLOCK_K/2],
+    element 2i in the low nibble) and its per-32 scales (fp32 [BLOCK_N, BLOCK_K/32]); each scale is loaded once
+    and broadcast over its 32 values."""
+    codes = tl.interleave(packed & 0xF, (packed >> 4) & 0xF)                        # [BLOCK_N, BLOCK_K]
+    v = tl.reshape(fp4_to_f32(codes), (BLOCK_N, BLOCK_K // 32, 32)) * scales[:, :, None]
+    return tl.reshape(v, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def load_scale(ptrs, mask, E8M0: tl.constexpr):
     """Weight scales: fp32 as stored, or e8m0 exponent bytes (uint8) -> 2^(b-127) (byte 0 -> 2^-127)."""
     if E8M0:

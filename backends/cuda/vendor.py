@@ -19,18 +19,25 @@ flash_mla (sparse_attn) uses `flash_mla_sparse_fwd` (the sparse prefill kernel, 
   scale                            ->   sm_scale; d_v = 512
   A row with no valid index gives 0 (FlashMLA's tests/ref.py: lonely queries output 0).
   Cost of the mapping: one small elementwise pass over idx, and a copy of q when H is not 64/128. Worth it
-  for prefill. For decode FlashMLA's fast kernel is `flash_mla_with_kvcache(..., is_fp8_kvcache=True)`, which
+  for prefill. Declined: a kv that is not contiguous (the [B*N, 1, D] flattening would copy it), and
+  decode-sized calls: sparse_fwd runs one thread block per query and 64 heads, so B*S*ceil(H/64) blocks below
+  half the SMs leave the GPU idle where the Triton split-K kernel spreads the index list. For decode FlashMLA's
+  fast kernel is `flash_mla_with_kvcache(..., is_fp8_kvcache=True)`, which
   needs the paged FP8 "fp8_ds_mla" cache (584 B per token: 448 e4m3 + 64 bf16 rope dims + 7 ue8m0 scales
   + pad, pages of 64 tokens, SWA and compressed caches passed as k_cache / extra_k_cache). Converting our
   bf16 kv to that layout on every call would re-quantise the whole cache per step: not worth it. That path
   belongs to a cache-layout step (the model's KV cache written in FlashMLA's layout), not to this registry op.
+  The model graph calls `window_sparse_attn` (ring + new rows + compressed entries), for which no FlashMLA
+  provider is registered: this adapter serves direct `sparse_attn` calls only.
 
 deep_gemm (fp8_linear) uses `fp8_gemm_nt((x_fp8, x_scales), (w, w_scales), out)`: x is quantised with the
   registry's quant_fp8 (1x128, fp32 scales); weight scales go in as fp32 [ceil(N/128), K/128] (e8m0 scales
   are widened, exact). DeepGEMM's default recipe is (1, 128, 128) on SM90 (fp32 scales, used as given) and on
   SM100 it packs fp32 scales to UE8M0 itself - exact only for power-of-two scales, so scale_fmt=None is
-  declined on SM100. It transforms the scales on every call: a weights-prep step should pre-transform weight
-  scales with deep_gemm.transform_sf_into_required_layout once. Output dtype bf16 or fp32 only.
+  declined on SM100, and so are fp32 weight scales that are not powers of two (Base checkpoints; checked once
+  per weight tensor, see scales_are_pow2). It transforms the scales on every call: a weights-prep step should
+  pre-transform weight scales with deep_gemm.transform_sf_into_required_layout once. Output dtype bf16 or
+  fp32; SM90's kernel (sm90_fp8_gemm_1d2d) writes bf16 only, so fp32 activations are declined there.
 
 Not provided, with reasons:
 - DeepGEMM `fp8_fp4_mqa_logits` for indexer_topk: it takes FP8 (or FP4) q and keys with per-row / per-block
@@ -44,6 +51,7 @@ Not provided, with reasons:
 from __future__ import annotations
 
 import importlib
+import weakref
 
 import torch
 
@@ -52,6 +60,7 @@ from dsv4_portable.reference.quant import FP8_LINEAR_BLOCK
 from dsv4_portable.registry import register
 
 from .common import capability
+from .launch_helpers import num_sms
 
 _FLASH_MLA_MODULES = ("flash_mla", "vllm.third_party.flashmla.flash_mla_interface")
 _cache: dict[str, object] = {}
@@ -103,16 +112,31 @@ def flash_mla_availability() -> list[str]:
     return reasons + _gpu_reasons((9, 10), "FlashMLA sparse attention")
 
 
+def flash_mla_sparse_ctas(b: int, s: int, h: int) -> int:
+    """Thread blocks flash_mla_sparse_fwd launches: one per query and 64 (padded) heads."""
+    return b * s * (1 if h <= 64 else 2)
+
+
 def _flash_mla_supports(q, kv, sink, idx, scale):
     reasons = _cuda_tensors(q, kv, sink, idx)
+    b, s, h = q.shape[:3]
     if q.dtype != torch.bfloat16:
         reasons.append(f"FlashMLA sparse_fwd needs bf16 q/kv, got {q.dtype}")
     if q.shape[-1] != 512:
         reasons.append(f"FlashMLA sparse_fwd with d_v 512 needs head_dim 512, got {q.shape[-1]}")
-    if q.shape[2] > 128:
-        reasons.append(f"{q.shape[2]} heads > 128 (FlashMLA pads heads to 64 or 128)")
+    if h > 128:
+        reasons.append(f"{h} heads > 128 (FlashMLA pads heads to 64 or 128)")
     if kv.shape[0] * kv.shape[1] >= 2 ** 31:
         reasons.append("B*N kv rows exceed int32 indices")
+    if not kv.is_contiguous():
+        reasons.append("kv must be contiguous: flattening [B, N, D] to FlashMLA's [B*N, 1, D] would copy the "
+                       "whole kv on every call")
+    ctas, sms = flash_mla_sparse_ctas(b, s, h), num_sms(q.device)
+    if ctas < sms // 2:
+        reasons.append(f"decode-sized call: flash_mla_sparse_fwd (the prefill kernel) would run {ctas} thread "
+                       f"block(s) on {sms} SMs (one per query and 64 heads); the Triton split-K kernel spreads "
+                       "the index list over the GPU. FlashMLA's decode kernel (flash_mla_with_kvcache) needs its "
+                       "paged FP8 cache layout and is not mapped")
     return reasons
 
 
@@ -135,7 +159,7 @@ def sparse_attn_flash_mla(q, kv, sink, idx, scale):
     ids = torch.where((idx >= 0) & (idx < n), idx + offs, -1)
     kp = max(128, -(-k // 128) * 128)
     ids = torch.nn.functional.pad(ids, (0, kp - k), value=-1).reshape(b * s, 1, kp).to(torch.int32)
-    out = fwd(qf.contiguous(), kv.reshape(b * n, 1, d), ids.contiguous(), float(scale), 512, sinkf.contiguous())[0]
+    out = fwd(qf.contiguous(), kv.view(b * n, 1, d), ids.contiguous(), float(scale), 512, sinkf.contiguous())[0]
     return out[:, :h].reshape(b, s, h, d)
 
 
@@ -149,18 +173,47 @@ def deep_gemm_availability() -> list[str]:
     return reasons + _gpu_reasons((9, 10), "DeepGEMM fp8_gemm_nt")
 
 
+_pow2_cache: dict[int, tuple[weakref.ref, int, bool]] = {}
+
+
+def scales_are_pow2(s: torch.Tensor) -> bool:
+    """True when every scale is a positive power of two (e8m0 scales always are). Checked once per weight tensor
+    (one host sync at its first use, then cached per tensor object and version): DeepGEMM on SM100 keeps only
+    the exponent of fp32 scales, which is exact only for powers of two."""
+    if s.dtype == torch.float8_e8m0fnu:
+        return True
+    key = id(s)
+    hit = _pow2_cache.get(key)
+    if hit is not None and hit[0]() is s and hit[1] == s._version:
+        return hit[2]
+    ok = bool((torch.frexp(s.float()).mantissa == 0.5).all())
+    if hit is None:
+        weakref.finalize(s, _pow2_cache.pop, key, None)
+    _pow2_cache[key] = (weakref.ref(s), s._version, ok)
+    return ok
+
+
 def _deep_gemm_supports(x, w, w_scale, scale_fmt="ue8m0"):
     reasons = _cuda_tensors(x, w, w_scale)
+    arch = capability()[0]
     if x.dtype not in (torch.bfloat16, torch.float32):
         reasons.append(f"DeepGEMM writes bf16 or fp32 outputs; x is {x.dtype}")
+    elif arch == 9 and x.dtype != torch.bfloat16:
+        reasons.append(f"DeepGEMM's SM90 FP8 GEMM (1D2D scaling) writes bf16 outputs only; x is {x.dtype}")
     if w_scale.dtype not in (torch.float32, torch.float8_e8m0fnu):
         reasons.append(f"w_scale dtype {w_scale.dtype} not supported (float32 or e8m0)")
     if w.shape[0] % 64:
         reasons.append(f"N = {w.shape[0]} is not a multiple of 64 (conservative TMA/block alignment; unverified)")
     if not w.is_contiguous():
         reasons.append("w must be contiguous (K-major)")
-    if scale_fmt is None and torch.cuda.is_available() and capability()[0] == 10:
-        reasons.append("scale_fmt None gives non-power-of-two scales; DeepGEMM on SM100 packs scales to UE8M0")
+    if arch == 10:
+        if scale_fmt is None:
+            reasons.append("scale_fmt None gives non-power-of-two activation scales; DeepGEMM on SM100 packs "
+                           "scales to UE8M0")
+        if w_scale.dtype == torch.float32 and not scales_are_pow2(w_scale):
+            reasons.append("w_scale holds fp32 scales that are not powers of two (Base checkpoints); DeepGEMM on "
+                           "SM100 packs scales to UE8M0 by keeping the exponent only, which would scale the "
+                           "weight down")
     return reasons
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from dsv4_portable.devices import interpret_mode
+from dsv4_portable.reference.quant import linear_f32
 from dsv4_portable.registry import register
 
 from .common import device_reasons, triton_availability
@@ -59,8 +60,10 @@ def compressor_triton(x, wkv, wgate, ape, norm_weight, cos, sin, kv_state, score
     c = wkv.shape[0]
     d = c // coff
     xf = x.reshape(b * s, dim).float()
-    kv = torch.matmul(xf, wkv.float().t())              # [B*S, C] fp32, contiguous
-    score = torch.matmul(xf, wgate.float().t())
+    # fp32 projections in the reference's fixed row tiles: a row's result must not depend on how many rows share
+    # the call (the decode state of a sequence would otherwise change with the batch)
+    kv = linear_f32(xf, wkv.float())                   # [B*S, C] fp32, contiguous
+    score = linear_f32(xf, wgate.float())
     w0 = start_pos // ratio
     n_new = (start_pos + s) // ratio - w0
     cur0 = ratio if overlap else 0

@@ -157,9 +157,10 @@ def run_main(args) -> int:
         counts = lead["providers"]
         model_path = lead["path"]
         weights = registry.get_backend(args.device).weight_mode(args.weights)[0]
-        print(f"ep: {ep} ranks over {lead['transport']}; experts per rank " +
+        print(f"ep: {ep} ranks over {lead['transport']} ({', '.join(lead['ep_providers'])}); experts per rank " +
               ", ".join(f"{r['rank']}:{r['local_experts'][0]}-{r['local_experts'][-1]}" for r in ranks) +
-              f"; rank 0 ran {lead['moe_calls']} MoE exchanges, the others served them", file=sys.stderr)
+              "; MoE exchanges per rank (own + served for others): " +
+              ", ".join(f"{r['rank']}:{r['moe_calls']}+{r['served']}" for r in ranks), file=sys.stderr)
         tokens, texts = out.tokens, out.texts
     else:
         model = load_model(args.model, device=args.device, dtype=args.dtype, weights=args.weights,
@@ -195,7 +196,7 @@ def run_main(args) -> int:
     print(f"decode:  {out.decode_tokens} tokens at {out.decode_tps:.1f} tokens/s")
     print(f"kv cache: {out.cache_layout} layout, {out.cache_bytes / 2**20:.2f} MiB "
           f"({out.cache_bytes_per_token:.0f} B per token of capacity)")
-    print("providers used:")
+    print("providers used" + (" (rank 0):" if ep > 1 else ":"))
     for op, per in sorted(counts.items()):
         print(f"  {op:15s} " + ", ".join(f"{p} x{n}" for p, n in per.items()))
     vendor = sum(n for per in counts.values() for p, n in per.items() if p != "reference")

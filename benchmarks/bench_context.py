@@ -35,9 +35,13 @@ def main(argv=None):
     torch.manual_seed(0)
     m = load_model(args.model, device=args.device, quiet=True)
     cfg = m.config
-    m.generate([list(range(2, 66))], max_new_tokens=4)         # warm-up: first calls pay for lazy setup
     contexts = [int(c) for c in args.contexts.split(",")]
     n = args.warmup + args.steps
+    too_long = [c for c in contexts if c + n > cfg.max_position_embeddings]
+    if too_long:                                                # before any work
+        ap.error(f"--contexts {too_long} + {n} decode steps exceed the model's max_position_embeddings "
+                 f"{cfg.max_position_embeddings}")
+    m.generate([list(range(2, 66))], max_new_tokens=4)         # warm-up: first calls pay for lazy setup
     runs = []
     for ctx in contexts:                                        # prefill every context first ...
         ids = torch.randint(2, cfg.vocab_size, (1, ctx + n))

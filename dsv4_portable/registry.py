@@ -160,6 +160,10 @@ class Provider:
     available_fn: Callable[[], list[str]] | None = None
     supports_fn: Callable[..., list[str]] | None = None
     note: str = ""
+    # Whether a row's result is claimed not to depend on the other rows of the call (conformance fails a claimed
+    # one that differs; an unclaimed one is recorded). The reference claims it; a provider whose launch plan
+    # follows the batch (split-K chosen from the grid size, a device matmul's own tiling) says False.
+    batch_invariant: bool = True
     _availability: list[str] | None = field(default=None, repr=False)
 
     def availability(self) -> list[str]:
@@ -328,10 +332,10 @@ def get_op(name: str) -> Op:
 
 
 def register(op: str, name: str, device_type: str, *, available: Callable[[], list[str]] | None = None,
-             supports: Callable[..., list[str]] | None = None, note: str = ""):
+             supports: Callable[..., list[str]] | None = None, note: str = "", batch_invariant: bool = True):
     """Decorator: register `fn` as provider `name` of `op` on `device_type`."""
     def deco(fn):
-        get_op(op).register(Provider(op, name, device_type, fn, available, supports, note))
+        get_op(op).register(Provider(op, name, device_type, fn, available, supports, note, batch_invariant))
         return fn
     return deco
 

@@ -203,13 +203,15 @@ def test_triton_providers_pass_under_the_interpreter(tmp_path):
     pytest.importorskip("triton")
     out = tmp_path / "cuda.jsonl"
     proc = subprocess.run([sys.executable, "-m", "dsv4_portable.conformance.command", "--device", "cuda",
-                           "--interpret", "--small", "--ops", "quant_fp8,sparse_attn,hc_post,moe_route,compressor",
+                           "--interpret", "--small", "--ops",
+                           "quant_fp8,sparse_attn,window_sparse_attn,hc_post,moe_route,compressor",
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = read_jsonl(out)
     assert records and all(r.status == "pass" and r.provider == "triton" for r in records)
     assert all("simulated" in r.device for r in records)
-    assert {r.op for r in records} == {"quant_fp8", "sparse_attn", "hc_post", "moe_route", "compressor"}
+    assert {r.op for r in records} == {"quant_fp8", "sparse_attn", "window_sparse_attn", "hc_post", "moe_route",
+                                       "compressor"}
     assert any(r.case_id == "compressor/hca/prefill_129" for r in records)
 
 
@@ -258,3 +260,29 @@ def test_hash_layer_without_input_ids_is_refused_by_name():
     args[4] = None
     with pytest.raises(registry.OpInputError, match="input_ids"):
         registry.get_op("moe_route").run("reference", *args)
+
+
+def _hc_head_batch_dependent(h, fn, scale, base, norm_eps=1e-6, hc_eps=1e-6):
+    """hc_head whose bf16 result moves by one step when the call holds more than one batch element, like a kernel
+    whose launch plan follows the batch size."""
+    y = ref.hc_head(h, fn, scale, base, norm_eps, hc_eps)
+    return (y.float() * (1 + 2.0 ** -7)).to(y.dtype) if h.shape[0] > 1 else y
+
+
+@pytest.mark.parametrize("claims", [True, False])
+def test_batch_invariance_fails_only_a_provider_that_claims_it(claims):
+    backend = registry.add_backend(Backend("batchdev", "batchdev", ["bad"], [], None, "test only",
+                                           simulated_fn=lambda: "test backend on CPU tensors"))
+    p = Provider("hc_head", "bad", "batchdev", _hc_head_batch_dependent, batch_invariant=claims)
+    registry.get_op("hc_head").register(p)
+    try:
+        cases = [c for c in all_cases() if c.case_id == "hc_head/bfloat16"]
+        (rec,) = run_cases(cases, backend, "chosen", progress=lambda line: None)
+    finally:
+        op = registry.get_op("hc_head")
+        op.providers = [q for q in op.providers if q is not p]
+        op._plan_key = None
+        del registry.BACKENDS["batchdev"]
+    assert rec.provider == "bad" and rec.batch_invariant is False
+    assert rec.status == ("fail" if claims else "pass")
+    assert "differs bitwise from its row in the batch" in rec.message

@@ -93,13 +93,13 @@ def _on_npu() -> list[str]:
 # from the shapes, so a row's result may depend on how many rows share the call. The reference keeps fixed 16-row
 # tiles for expert-parallel bitwise equality; on Ascend, EP records compare by tolerance, and the conformance
 # record's batch_invariant field reports what the device did.
-@register("linear", "cann", "npu", available=_on_npu, supports=_supports_float,
+@register("linear", "cann", "npu", available=_on_npu, supports=_supports_float, batch_invariant=False,
           note="x @ w.t() on the device (bf16 products, fp32 accumulation; not batch-invariant by construction)")
 def linear_cann(x, w):
     return torch.matmul(x, w.t())
 
 
-@register("grouped_linear", "cann", "npu", available=_on_npu, supports=_supports_float,
+@register("grouped_linear", "cann", "npu", available=_on_npu, supports=_supports_float, batch_invariant=False,
           note="per-group x @ w[g].t() as one batched matmul on the device (not batch-invariant by construction)")
 def grouped_linear_cann(x, w):
     lead = x.shape[:-2]

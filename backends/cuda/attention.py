@@ -97,7 +97,8 @@ def _kernel_reasons(q, sink):
     return reasons
 
 
-@register("sparse_attn", "triton", "cuda", available=triton_availability, supports=_supports,
+# batch_invariant=False: the split-K plan follows the grid size, so a query's last bits can change with the batch
+@register("sparse_attn", "triton", "cuda", available=triton_availability, supports=_supports, batch_invariant=False,
           note="Triton split-K online softmax over index lists (shared-KV MQA, sinks)")
 def sparse_attn_triton(q, kv, sink, idx, scale):
     import triton.language as tl
@@ -163,6 +164,7 @@ def _window_supports(q, window, kv, comp, topk, sink, scale, start_pos, ratio):
 
 
 @register("window_sparse_attn", "triton", "cuda", available=triton_availability, supports=_window_supports,
+          batch_invariant=False,
           note="Triton split-K online softmax reading the window ring, this step's rows and the compressed entries "
                "in place (window and HCA indices computed in-kernel, CSA top-k read as given)")
 def window_sparse_attn_triton(q, window, kv, comp, topk, sink, scale, start_pos, ratio):

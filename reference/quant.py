@@ -215,13 +215,16 @@ def e8m0_bits(scale: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------- linears
 def _batch_invariant_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ w[N, K]^T computed in fixed 16-row tiles, so that each row's result does not depend on how
-    many other rows share the call (plain CPU matmul is not batch-invariant; EP needs this, DESIGN.md 4)."""
+    """x [M, K] @ w[N, K]^T computed as a batch of fixed 16-row GEMMs (one bmm over [M/16, 16, K]), so that each
+    row's result does not depend on how many other rows share the call: a plain matmul picks its kernel and
+    blocking from M (EP needs this, DESIGN.md 4). A 3-D @ 2-D torch.matmul would fold back into one [M, K] GEMM,
+    hence bmm over the broadcast weight."""
     m = x.shape[0]
     pad = (-m) % 16
     if pad:
         x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
-    return torch.matmul(x.view(-1, 16, x.shape[1]), w.t()).reshape(-1, w.shape[0])[:m]
+    tiles = x.view(-1, 16, x.shape[1])
+    return torch.bmm(tiles, w.t().expand(tiles.shape[0], *w.t().shape)).reshape(-1, w.shape[0])[:m]
 
 
 def linear_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

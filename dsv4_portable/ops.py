@@ -274,6 +274,9 @@ def _check_experts(x, idx, weights, experts, shared=None, swiglu_limit=0.0):
             raise OpInputError(str(e)) from None
         _need(ew.hidden == x.shape[1], f"moe_experts: '{name}' have hidden size {ew.hidden} but 'x' has "
                                        f"{x.shape[1]}")
+        # idx holds global expert ids and the op indexes the stack by position: only a full stack (ids None) fits
+        _need(ew.ids is None, f"moe_experts: '{name}' is a partial stack (experts {list(ew.ids or ())}) indexed by "
+                              "global ids; route it through expert parallelism (ExpertWeights.select)")
     if shared is not None:
         _need(shared.num_experts == 1, f"moe_experts: 'shared' must hold 1 expert, got {shared.num_experts}")
 

@@ -260,3 +260,11 @@ def test_experts_batch_invariant_and_bad_input():
         ops.moe_experts(x, idx, w, bad)
     with pytest.raises(OpInputError, match="ExpertWeights"):
         ops.moe_experts(x, idx, w, {"w1": ew.w1})
+    # a partial stack (keep_expert) holds experts 2, 3 at positions 0, 1: idx's global ids would pick the wrong ones
+    part = ExpertWeights("bf16", ew.w1[2:], ew.w2[2:], ew.w3[2:], ids=(2, 3))
+    with pytest.raises(OpInputError, match=r"'experts' is a partial stack \(experts \[2, 3\]\) indexed by global "
+                                           r"ids; route it through expert parallelism"):
+        ops.moe_experts(x, idx, w, part)
+    local = part.select(torch.tensor([2, 3]))              # positions 0..1 again (ids None): what EP passes
+    rows = (idx >= 2).all(-1)
+    assert torch.equal(ops.moe_experts(x[rows], idx[rows] - 2, w[rows], local), full[rows])

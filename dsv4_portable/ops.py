@@ -145,6 +145,10 @@ def _check_window_attn(q, window, kv, comp, topk, sink, scale, start_pos, ratio)
               "window_sparse_attn: a window-only layer (ratio 0) takes no 'comp' and no 'topk'")
     else:
         _need(comp is not None, f"window_sparse_attn: ratio {ratio} needs the compressed entries 'comp'")
+        visible = (start_pos + q.shape[1]) // ratio      # entries the last query sees (c < (p+1)//ratio)
+        _need(comp.shape[1] >= visible,
+              f"window_sparse_attn: 'comp' holds {comp.shape[1]} entries but {visible} are visible to the queries at "
+              f"positions {start_pos}..{start_pos + q.shape[1] - 1} (ratio {ratio})")
 
 
 window_sparse_attn = define_op(

@@ -212,3 +212,7 @@ def test_window_sparse_attn_rejects_inconsistent_structure():
         ops.window_sparse_attn(q, ring, kv, torch.randn(1, 3, 32), None, sink, 0.1, 0, 0)
     with pytest.raises(OpInputError, match="'kv' has shape"):
         ops.window_sparse_attn(q, ring, torch.randn(1, 3, 32), None, None, sink, 0.1, 0, 0)
+    with pytest.raises(OpInputError, match=r"'comp' holds 2 entries but 3 are visible to the queries at positions "
+                                           r"10\.\.11 \(ratio 4\)"):
+        ops.window_sparse_attn(q, ring, kv, torch.randn(1, 2, 32), None, sink, 0.1, 10, 4)
+    ops.window_sparse_attn(q, ring, kv, torch.randn(1, 3, 32), None, sink, 0.1, 10, 4)   # exactly the visible ones

@@ -25,13 +25,32 @@ def _attend_block(q, rows, valid, m_i, l_i, acc, scale, DOT_DT: tl.constexpr, PR
 
 
 @triton.jit
-def _finish(acc, m_i, l_i, pid_q, pid_sp, n_splits, b, s, offs_h, offs_d, mask_h, mask_d, H, D, sink_ptr, out_ptr,
+def _query_tile(q_ptr, S, H, D, n_hblocks, stride_qb, stride_qs, stride_qh, DOT_DT: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The program decomposition of both attention kernels (grid axis 0 = query x head block, the head block
+    fastest) and the query tile they load once: (pid_q, b, s, offs_h, offs_d, mask_h, mask_d, q [BLOCK_H, BLOCK_D]
+    in DOT_DT). pid_q, b and s are 64-bit (long prefill chunks)."""
+    pid_h = tl.program_id(0) % n_hblocks
+    pid_q = (tl.program_id(0) // n_hblocks).to(tl.int64)
+    b = pid_q // S
+    s = pid_q % S
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_h = offs_h < H
+    mask_d = offs_d < D
+    q_ptrs = q_ptr + b * stride_qb + s * stride_qs + offs_h[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=mask_h[:, None] & mask_d[None, :], other=0.0).to(DOT_DT)
+    return pid_q, b, s, offs_h, offs_d, mask_h, mask_d, q
+
+
+@triton.jit
+def _finish(acc, m_i, l_i, pid_q, n_splits, b, s, offs_h, offs_d, mask_h, mask_d, H, D, sink_ptr, out_ptr,
             part_o_ptr, part_ml_ptr, stride_ob, stride_os, stride_oh, SPLIT: tl.constexpr, OUT_DT: tl.constexpr,
             INTERPRET: tl.constexpr):
     """Without SPLIT: finish the softmax with the sink and write the output. With SPLIT: write the unnormalised
-    partial (acc, running max m, running sum l) of this split for sparse_attn_combine_kernel."""
+    partial (acc, running max m, running sum l) of this split (grid axis 1) for sparse_attn_combine_kernel."""
     if SPLIT:
-        part = (pid_q * n_splits + pid_sp) * H
+        part = (pid_q * n_splits + tl.program_id(1)) * H
         tl.store(part_o_ptr + (part + offs_h[:, None]) * D + offs_d[None, :], acc,
                  mask=mask_h[:, None] & mask_d[None, :])
         tl.store(part_ml_ptr + (part + offs_h) * 2, m_i, mask=mask_h)
@@ -56,22 +75,12 @@ def sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, out_ptr, part_o_ptr, pa
     """One program: one query (b, s), BLOCK_H heads, one split of the index list.
 
     Invalid indices (-1, or outside [0, N)) load nothing and get logit -inf."""
-    pid_h = tl.program_id(0) % n_hblocks
-    pid_q = (tl.program_id(0) // n_hblocks).to(tl.int64)   # 64-bit offsets: long prefill chunks
-    pid_sp = tl.program_id(1)
-    b = pid_q // S
-    s = pid_q % S
-    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_h = offs_h < H
-    mask_d = offs_d < D
-    q_ptrs = q_ptr + b * stride_qb + s * stride_qs + offs_h[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=mask_h[:, None] & mask_d[None, :], other=0.0).to(DOT_DT)
-
+    pid_q, b, s, offs_h, offs_d, mask_h, mask_d, q = _query_tile(q_ptr, S, H, D, n_hblocks, stride_qb, stride_qs,
+                                                                 stride_qh, DOT_DT, BLOCK_H, BLOCK_D)
     m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_H,), tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
-    k_begin = pid_sp * blocks_per_split * BLOCK_N
+    k_begin = tl.program_id(1) * blocks_per_split * BLOCK_N
     k_end = tl.minimum(K, k_begin + blocks_per_split * BLOCK_N)
     idx_row = idx_ptr + b * stride_ib + s * stride_is
     kv_b = kv_ptr + b * stride_kvb
@@ -82,7 +91,7 @@ def sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, out_ptr, part_o_ptr, pa
         rows = tl.load(kv_b + ids[:, None].to(tl.int64) * stride_kvn + offs_d[None, :],
                        mask=valid[:, None] & mask_d[None, :], other=0.0)
         m_i, l_i, acc = _attend_block(q, rows, valid, m_i, l_i, acc, scale, DOT_DT, PREC)
-    _finish(acc, m_i, l_i, pid_q, pid_sp, n_splits, b, s, offs_h, offs_d, mask_h, mask_d, H, D, sink_ptr, out_ptr,
+    _finish(acc, m_i, l_i, pid_q, n_splits, b, s, offs_h, offs_d, mask_h, mask_d, H, D, sink_ptr, out_ptr,
             part_o_ptr, part_ml_ptr, stride_ob, stride_os, stride_oh, SPLIT, OUT_DT, INTERPRET)
 
 
@@ -106,29 +115,19 @@ def window_sparse_attn_kernel(q_ptr, win_ptr, kv_ptr, comp_ptr, topk_ptr, sink_p
     MODE 0 (window-only layer) has no compressed segment. The order is the reference's [window | compressed]
     list (window_workspace), so the online softmax sees the same rows in the same order; rows that cannot be
     valid for this query (window positions before 0, HCA entries not yet visible) are not visited."""
-    pid_h = tl.program_id(0) % n_hblocks
-    pid_q = (tl.program_id(0) // n_hblocks).to(tl.int64)
-    pid_sp = tl.program_id(1)
-    b = pid_q // S
-    s = pid_q % S
-    p = start_pos + s.to(tl.int32)     # int32 positions: the block loops' induction variables stay 32-bit
-    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_h = offs_h < H
-    mask_d = offs_d < D
-    q_ptrs = q_ptr + b * stride_qb + s * stride_qs + offs_h[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=mask_h[:, None] & mask_d[None, :], other=0.0).to(DOT_DT)
-
+    pid_q, b, s, offs_h, offs_d, mask_h, mask_d, q = _query_tile(q_ptr, S, H, D, n_hblocks, stride_qb, stride_qs,
+                                                                 stride_qh, DOT_DT, BLOCK_H, BLOCK_D)
+    s32 = s.to(tl.int32)
+    p = start_pos + s32                # int32 positions: the block loops' induction variables stay 32-bit
     m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_H,), tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
-    k_begin = pid_sp * blocks_per_split * BLOCK_N
+    k_begin = tl.program_id(1) * blocks_per_split * BLOCK_N
     k_end = tl.minimum(W_PAD + KC, k_begin + blocks_per_split * BLOCK_N)
     # Three loops, one per source, each over its part of this split's range, so every gather has a single base
     # pointer (a per-row choice between two tensors, tl.where on pointers, keeps Triton from pipelining it).
     # Window slot j holds position p - W + 1 + j: slots [first, ring_end) are older than this step (ring slot
     # position % W), slots [ring_end, W) are this step's rows j + s - W + 1 (up to row s, the query's own).
-    s32 = s.to(tl.int32)
     first = tl.maximum(W - 1 - p, 0)                  # slots before are positions < 0
     ring_end = tl.maximum(W - 1 - s32, 0)             # >= first, as p >= s
     d_mask = mask_d[None, :]
@@ -168,7 +167,7 @@ def window_sparse_attn_kernel(q_ptr, win_ptr, kv_ptr, comp_ptr, topk_ptr, sink_p
             rows = tl.load(comp_b + c[:, None].to(tl.int64) * stride_cn + offs_d[None, :],
                            mask=valid[:, None] & d_mask, other=0.0)
             m_i, l_i, acc = _attend_block(q, rows, valid, m_i, l_i, acc, scale, DOT_DT, PREC)
-    _finish(acc, m_i, l_i, pid_q, pid_sp, n_splits, b, s, offs_h, offs_d, mask_h, mask_d, H, D, sink_ptr, out_ptr,
+    _finish(acc, m_i, l_i, pid_q, n_splits, b, s, offs_h, offs_d, mask_h, mask_d, H, D, sink_ptr, out_ptr,
             part_o_ptr, part_ml_ptr, stride_ob, stride_os, stride_oh, SPLIT, OUT_DT, INTERPRET)
 
 

@@ -409,15 +409,25 @@ def active_backend() -> Backend:
     return b if b is not None else BACKENDS["cpu"]
 
 
-def set_backend(name: str, *, require_available: bool = True) -> Backend:
-    """Make `name` the active backend for this thread. Raises if it cannot run here (with the reasons)."""
+def check_available(name: str) -> Backend:
+    """The backend `name` with its providers loaded, if it can run here; else UnknownDeviceError or
+    BackendUnavailableError with the reasons. The active backend is left as it is."""
     b = get_backend(name)
     b.load_providers()
+    reasons = b.availability()
+    if reasons:
+        raise BackendUnavailableError(f"--device {name} is not available on this machine: "
+                                      + "; ".join(reasons) + (f". {b.help}" if b.help else ""))
+    return b
+
+
+def set_backend(name: str, *, require_available: bool = True) -> Backend:
+    """Make `name` the active backend for this thread. Raises if it cannot run here (with the reasons)."""
     if require_available:
-        reasons = b.availability()
-        if reasons:
-            raise BackendUnavailableError(f"--device {name} is not available on this machine: "
-                                          + "; ".join(reasons) + (f". {b.help}" if b.help else ""))
+        b = check_available(name)
+    else:
+        b = get_backend(name)
+        b.load_providers()
     _state.backend = b
     return b
 

@@ -111,6 +111,21 @@ def test_unavailable_backends_say_why():
     assert dsv4.active_backend().name == before          # a refused backend leaves the active one alone
 
 
+def test_check_available_says_what_set_backend_says_and_changes_nothing():
+    from dsv4_portable.registry import check_available
+    with dsv4.use_backend("cpu"):
+        with pytest.raises(dsv4.BackendUnavailableError) as checked:
+            check_available("ascend")
+        with pytest.raises(dsv4.BackendUnavailableError) as chosen:
+            dsv4.set_backend("ascend")
+        assert str(checked.value) == str(chosen.value)
+        with pytest.raises(dsv4.UnknownDeviceError, match="unknown device 'tpu'"):
+            check_available("tpu")
+        with dsv4.use_backend("ascend", require_available=False):
+            assert check_available("cpu").name == "cpu"
+            assert dsv4.active_backend().name == "ascend"    # only checked, not made active
+
+
 def test_every_op_has_reference_last_and_a_tolerance():
     for name, op in dsv4.OPS.items():
         assert op.providers[-1].name == "reference" and op.reference.__doc__, name

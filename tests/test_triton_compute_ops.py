@@ -284,11 +284,10 @@ def check_window_sparse_attn():
     """The in-place kernel against the reference (which gathers [window | kv | comp] and runs sparse_attn):
     prefill longer than the window (rows from kv and the ring in one block), chunked prefill, decode across the
     ring wrap, HCA before/after the first entry, CSA with padding and invisible entries, a window that is not a
-    multiple of the kv block, sinks -inf / +inf / huge, split and unsplit launches, fp16/bf16; and no workspace."""
-    from dsv4_portable.reference import attention as ref_attn
+    multiple of the kv block, sinks -inf / +inf / huge, split and unsplit launches, fp16/bf16, strided q / kv /
+    topk; and no workspace: the only launches are the attention kernel and the split combine."""
     g = _gen(14)
     log, recording = _launch_log()
-    real_workspace = ref_attn.window_workspace
     cases = [  # (b, s, h, d, w, p0, ratio, k, dtype, label)
         (1, 40, 4, 64, 16, 0, 0, None, torch.float32, "window-only prefill longer than the window"),
         (2, 5, 4, 64, 16, 13, 0, None, torch.float32, "chunked prefill: ring and new rows in one block"),
@@ -300,32 +299,43 @@ def check_window_sparse_attn():
         (1, 9, 20, 64, 16, 0, 4, 3, torch.float32, "CSA prefill, 20 heads (a masked head block)"),
         (1, 1, 16, 128, 32, 120, 4, 24, torch.float16, "CSA decode fp16"),
         (1, 3, 16, 128, 32, 60, 128, None, torch.bfloat16, "HCA bf16"),
+        (2, 3, 4, 64, 16, 40, 4, 5, torch.float32, "CSA chunk with strided q, kv and topk (copied, not declined)"),
     ]
-
-    def no_workspace(*a, **k):
-        raise AssertionError("the Triton provider must not build the [window | kv | comp] workspace")
     for b, s, h, d, w, p0, ratio, k, dt, label in cases:
         args = _window_case(g, b, s, h, d, w, p0, ratio, k=k, dt=dt)
         if label.startswith("HCA decode over"):
             args[5][:2] = torch.tensor([float("-inf"), float("inf")])
             args[5][2] = 80.0
+        if "strided" in label:              # q, kv and topk as every-other-element views (last-dim stride 2)
+            q, ring, kv, comp, topk = args[:5]
+            args = (torch.stack([q, -q], -1).flatten(-2)[..., ::2], ring,
+                    torch.stack([kv, -kv], -1).flatten(-2)[..., ::2], comp,
+                    torch.stack([topk, topk], -1).flatten(-2)[..., ::2], *args[5:])
+            assert all(t.stride(-1) == 2 for t in (args[0], args[2], args[4]))
         log.clear()
-        ref_attn.window_workspace = no_workspace
-        try:
-            with recording():
-                out = ops_run("window_sparse_attn", *args)
-        finally:
-            ref_attn.window_workspace = real_workspace
+        with recording():
+            out = ops_run("window_sparse_attn", *args)
         ref = ops_ref("window_sparse_attn", *args)
         _assert_tol("window_sparse_attn", out, ref, w + s + (k or 0), label)
-        split = any(n == "sparse_attn_combine_kernel" for n, _, _ in log)
+        names = {n for n, _, _ in log}
+        assert "window_sparse_attn_kernel" in names and names <= {"window_sparse_attn_kernel",
+                                                                  "sparse_attn_combine_kernel"}, (label, names)
         if "split-K" in label:
-            assert split, f"{label}: the split path did not run"
+            assert "sparse_attn_combine_kernel" in names, f"{label}: the split path did not run"
         if label.startswith("HCA decode over"):
             assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1])), "sink +inf must give 0"
     # B*S = 0
     args = _window_case(g, 1, 0, 4, 64, 16, 3, 4)
     assert ops_run("window_sparse_attn", *args).shape == (1, 0, 4, 64)
+    # the caches are read in place: a ring or an entry store without a unit-stride last dim is declined
+    from dsv4_portable.registry import get_op
+    q, ring, kv, comp, topk, sink, scale, p0, ratio = (_on(a, _dev()) for a in _window_case(g, 1, 1, 4, 64, 16, 9,
+                                                                                             4, k=2))
+    sup = get_op("window_sparse_attn").provider("triton", "cuda").supports
+    assert not sup(q, ring, kv, comp, topk, sink, scale, p0, ratio)
+    for name, bad in (("window", (ring.mT.contiguous().mT, comp)), ("comp", (ring, comp.mT.contiguous().mT))):
+        reasons = sup(q, bad[0], kv, bad[1], topk, sink, scale, p0, ratio)
+        assert any(f"'{name}'" in r and "unit-stride" in r for r in reasons), (name, reasons)
 
 
 def ops_run(op_name, *args):

@@ -1,13 +1,14 @@
 """Triton providers of `sparse_attn` and `window_sparse_attn`: shared-KV MQA over index lists with sinks,
 split-K for decode.
 
-Kernel shape: one program per (query, head block of BLOCK_H = 32 heads, split of the index list). It loads
-its BLOCK_H query rows once, then walks its part of the index list BLOCK_N rows at a time: the gathered kv rows
-are keys (logits = q @ rows^T on the tensor cores) and values (acc += p @ rows) at once, with an online
-softmax in fp32. The head block keeps the fp32 accumulator at 32 x 512 (64 registers a thread at 8 warps); at
-H = 64 the two head-block programs of a query are neighbours in the grid, so the second read of each kv row
-hits L2. (BLOCK_H = 64 compiles to wgmma on sm90 at 255 registers with a small spill; which of the two is
-faster at V4 decode shapes is for the GPU benchmark to decide: MAX_HEAD_BLOCK.)
+Kernel shape: one program per (query, head block of BLOCK_H heads, split of the index list); BLOCK_H is 32
+for 16-bit q (16 when H <= 16) and 16 for fp32 q (launch_config). It loads its BLOCK_H query rows once, then
+walks its part of the index list BLOCK_N rows at a time: the gathered kv rows are keys (logits =
+q @ rows^T on the tensor cores) and values (acc += p @ rows) at once, with an online softmax in fp32. A 16-bit
+head block keeps the fp32 accumulator at 32 x 512 (64 registers a thread at 8 warps); at H = 64 the
+head-block programs of a query are neighbours in the grid, so the repeated reads of each kv row hit L2.
+(BLOCK_H = 64 compiles to wgmma on sm90 at 255 registers with a small spill; which of the two is faster at V4
+decode shapes is for the GPU benchmark to decide: MAX_HEAD_BLOCK.)
 
 Split-K: decode has one query per sequence, so (batch x head blocks) programs cannot fill the GPU. When the
 grid would cover less than half the SMs, the index list is cut into contiguous splits (whole BLOCK_N blocks, at
@@ -39,7 +40,7 @@ from dsv4_portable.registry import register
 
 from .common import device_reasons, triton_availability
 from .launch import launch
-from .launch_helpers import num_sms
+from .launch_helpers import next_pow2, num_sms, unit_last_stride_reasons
 
 BLOCK_N = 32          # kv rows per step
 MAX_HEAD_BLOCK = 32   # heads per program
@@ -56,17 +57,13 @@ def _kernels():
     return attention_kernels
 
 
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, (v - 1).bit_length())
-
-
 def launch_config(dtype: torch.dtype, h: int, d: int) -> tuple[int, int, int]:
     """(BLOCK_H, num_warps, num_stages). 16-bit q: up to MAX_HEAD_BLOCK heads, two stages. fp32 q multiplies
     in exact fp32 on FMA units, which keeps its operands in registers and shared memory at 4 bytes: 16 heads and
     one stage (offline sm90 compile at D = 512: ~100 KB shared memory, no spills; 32 heads spill and need
     ~135 KB, TF32x3 needs more still)."""
     cap, stages = (16, 1) if dtype == torch.float32 else (MAX_HEAD_BLOCK, 2)
-    block_h = min(cap, max(16, _next_pow2(h)))
+    block_h = min(cap, max(16, next_pow2(h)))
     return block_h, 8 if block_h * d >= 8192 else 4, stages
 
 
@@ -81,10 +78,12 @@ def plan_splits(programs: int, k: int, sms: int, min_rows: int) -> tuple[int, in
 
 
 def _supports(q, kv, sink, idx, scale):
-    return device_reasons(q, kv, sink, idx) + _kernel_reasons(q, sink)
+    return device_reasons(q, kv, sink, idx) + _kernel_reasons(q)
 
 
-def _kernel_reasons(q, sink):
+def _kernel_reasons(q):
+    """What the kernels take beyond the op's argument spec (which already holds sink to float32, idx / topk to
+    int32 and the float arguments to q's dtype)."""
     reasons = []
     if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         reasons.append(f"q dtype {q.dtype} not supported (bf16, fp16, fp32; fp64 runs on the reference)")
@@ -92,8 +91,6 @@ def _kernel_reasons(q, sink):
     if not 16 <= d <= MAX_D:
         reasons.append(f"head_dim {d} outside [16, {MAX_D}] (fp32 accumulator of {MAX_HEAD_BLOCK} heads x D "
                        "must fit the register file)")
-    if sink.dtype != torch.float32:
-        reasons.append(f"sink dtype {sink.dtype} not supported (float32)")
     return reasons
 
 
@@ -128,7 +125,7 @@ def sparse_attn_triton(q, kv, sink, idx, scale):
            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), idx.stride(0), idx.stride(1),
            out.stride(0), out.stride(1), out.stride(2),
            SPLIT=split, DOT_DT=dot_dt, PREC=dot_precision(dot_dt), BLOCK_H=block_h, BLOCK_N=BLOCK_N,
-           BLOCK_D=_next_pow2(d), num_warps=warps, num_stages=stages, **meta)
+           BLOCK_D=next_pow2(d), num_warps=warps, num_stages=stages, **meta)
     if split:
         _combine(part_o, part_ml, sink, out, n_splits, **meta)
     return out
@@ -148,19 +145,14 @@ def _combine(part_o, part_ml, sink, out, n_splits, **meta):
     b, s, h, d = out.shape
     launch(_kernels().sparse_attn_combine_kernel, (b * s * h,),
            part_o, part_ml, sink, out, s, h, d, n_splits, out.stride(0), out.stride(1), out.stride(2),
-           BLOCK_D=_next_pow2(d), num_warps=4, **meta)
+           BLOCK_D=next_pow2(d), num_warps=4, **meta)
 
 
 def _window_supports(q, window, kv, comp, topk, sink, scale, start_pos, ratio):
-    tensors = [t for t in (q, window, kv, comp, topk, sink) if t is not None]
-    reasons = device_reasons(*tensors) + _kernel_reasons(q, sink)
-    for name, t in (("q", q), ("window", window), ("kv", kv), ("comp", comp), ("topk", topk)):
-        if t is not None and t.shape[-1] > 1 and t.stride(-1) != 1:
-            reasons.append(f"'{name}' needs a unit-stride last dim (strides {tuple(t.stride())}); the kernel reads "
-                           "it in place and does not copy it")
-    if topk is not None and topk.dtype != torch.int32:
-        reasons.append(f"topk dtype {topk.dtype} not supported (int32)")
-    return reasons
+    # the caches (ring, compressed entries) are read in place, never copied: they need a unit-stride last dim;
+    # this step's q, kv and topk are small and are made unit-stride by the provider when they are not
+    return (device_reasons(q, window, kv, comp, topk, sink) + _kernel_reasons(q)
+            + unit_last_stride_reasons(window=window, comp=comp))
 
 
 @register("window_sparse_attn", "triton", "cuda", available=triton_availability, supports=_window_supports,
@@ -173,6 +165,10 @@ def window_sparse_attn_triton(q, window, kv, comp, topk, sink, scale, start_pos,
     kern = _kernels()
     b, s, h, d = q.shape
     w = window.shape[1]
+    q = q if q.stride(-1) == 1 else q.contiguous()           # this step's tensors: small, copied when strided
+    kv = kv if kv.stride(-1) == 1 else kv.contiguous()
+    if topk is not None and topk.stride(-1) != 1:
+        topk = topk.contiguous()
     sink = sink.contiguous()
     out = torch.empty(b, s, h, d, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
@@ -198,7 +194,7 @@ def window_sparse_attn_triton(q, window, kv, comp, topk, sink, scale, start_pos,
            comp_t.stride(0), comp_t.stride(1), topk_t.stride(0) if mode == 2 else 0,
            topk_t.stride(1) if mode == 2 else 0, out.stride(0), out.stride(1), out.stride(2),
            MODE=mode, SPLIT=n_splits > 1, DOT_DT=dot_dt, PREC=dot_precision(dot_dt), BLOCK_H=block_h,
-           BLOCK_N=BLOCK_N, BLOCK_D=_next_pow2(d), num_warps=warps, num_stages=stages, **meta)
+           BLOCK_N=BLOCK_N, BLOCK_D=next_pow2(d), num_warps=warps, num_stages=stages, **meta)
     if n_splits > 1:
         _combine(part_o, part_ml, sink, out, n_splits, **meta)
     return out

@@ -17,6 +17,7 @@ from dsv4_portable.registry import register
 
 from .common import device_reasons, triton_availability
 from .launch import launch
+from .launch_helpers import next_pow2
 
 BLOCK_T = 64            # keys per program (16-bit inputs; see score_config)
 SCORE_BUDGET = 1 << 25  # fp32 score elements materialised at once (128 MiB)
@@ -27,10 +28,6 @@ MAX_DIM = 256
 def _kernels():
     from . import indexer_kernels
     return indexer_kernels
-
-
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, (v - 1).bit_length())
 
 
 def score_config(dtype: torch.dtype, block_h: int, block_d: int) -> tuple[int, int]:
@@ -73,7 +70,7 @@ def indexer_scores_triton(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, vis
     visible = visible.contiguous()
     dot_dt = tl.float32 if interpret_mode() else tl_dtype(q.dtype)
     block_s = 1 if s <= 4 else 16
-    block_h, block_d = max(16, _next_pow2(h)), max(16, _next_pow2(di))
+    block_h, block_d = max(16, next_pow2(h)), max(16, next_pow2(di))
     block_t, warps = score_config(q.dtype, block_h, block_d)
     launch(_kernels().indexer_scores_kernel, (-(-n // block_t), -(-s // block_s), b),
         q, k, w, visible, out, s, n, h, di,

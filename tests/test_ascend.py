@@ -605,6 +605,27 @@ def test_fp4_experts_on_the_950_equal_the_reference_through_the_mx_gemm(standin)
                                    ref.moe_experts(x, idx, w, experts, shared, limit), rtol=0, atol=0)
 
 
+def _one_expert_case(case_id: str):
+    """The moe_experts conformance case `case_id` cut down to a one-expert stack (a slot of row 1 unrouted, as EP
+    padding): one group for the grouped GEMM, as MC2 with one expert per rank gives the ascend provider."""
+    import dataclasses
+    base = next(c for c in all_cases(small=True) if c.case_id == case_id)
+
+    def make(g):
+        x, idx, w, experts, shared, limit = base.make(g)
+        one_idx = torch.zeros(idx.shape[0], 1, dtype=idx.dtype)
+        one_idx[1, 0] = -1
+        return x, one_idx, w[:, :1], experts.select(torch.tensor([2])), shared, limit
+    return dataclasses.replace(base, case_id=case_id + "/one_expert", make=make, slice0=None)
+
+
+@pytest.mark.parametrize("standin", ["A2", "A3"], indirect=True)
+def test_a_one_expert_stack_runs_on_the_grouped_gemm(standin):
+    """npu_grouped_matmul refuses counts of length 1 (group_list_type 1): one expert must still run, as a cumsum."""
+    rec = run_case(_one_expert_case("moe_experts/bf16/bfloat16"), "cann", registry.get_backend("ascend"), "cpu", {})
+    assert rec.status == "pass", (rec.status, rec.message)
+
+
 def test_mx_grouped_matmul_contract():
     from dsv4_portable.conformance.ascend_spec.vendor_check import _cases
     make = next(c for c in _cases() if c.case_id == "grouped_matmul/w4a8_mx").make

@@ -129,9 +129,13 @@ def _supports_experts(x, idx, weights, experts, shared=None, swiglu_limit=0.0):
     return reasons
 
 
-def _grouped(x_rows: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    return vendor_ops.call(GMM, [x_rows], [_kn(w)], group_list=counts, split_item=3, group_type=0,
-                           group_list_type=1)[0]
+# Every grouped GEMM takes its group_list as a cumsum (group_list_type 0): counts (type 1) may not be a list of
+# length 1 (op-plugin torch_npu-npu_grouped_matmul.md), and a one-expert stack (the shared expert, or MC2 with one
+# expert per rank) is one group. npu_moe_init_routing_v2 hands out that cumsum itself (expert_tokens_num_type 0).
+def _grouped(x_rows: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Rows x_rows [M, K] grouped by expert (group g ends at row ends[g]) times bf16/fp16 weights w [E, N, K]."""
+    return vendor_ops.call(GMM, [x_rows], [_kn(w)], group_list=ends, split_item=3, group_type=0,
+                           group_list_type=0)[0]
 
 
 def _mx_act(x_rows: torch.Tensor):
@@ -144,10 +148,10 @@ def _mx_act(x_rows: torch.Tensor):
     return xq, s32.reshape(m, k // 64, 2)
 
 
-def _mx_grouped(x_rows: torch.Tensor, w: torch.Tensor, s: torch.Tensor, counts: torch.Tensor, cumsum: bool):
+def _mx_grouped(x_rows: torch.Tensor, w: torch.Tensor, s: torch.Tensor, ends: torch.Tensor):
     """W4A8 MX grouped GEMM of rows x_rows [M, K] with FP4 weights w [E, N, K/2] (e8m0 scales s [E, N, K/32]),
     as vllm-ascend's A5 adaptor calls it: weight as the [E, K/2, N] transposed view, scales as the
-    [E, K/64, N, 2] view (no copies). cumsum: group_list as a cumsum (a one-group list may not be counts)."""
+    [E, K/64, N, 2] view (no copies); group g ends at row ends[g] (a cumsum, as in _grouped)."""
     e, n, kh = w.shape
     xq, xs = _mx_act(x_rows)
     npu = sys.modules["torch_npu"]
@@ -158,9 +162,8 @@ def _mx_grouped(x_rows: torch.Tensor, w: torch.Tensor, s: torch.Tensor, counts: 
     scales = s.view(torch.uint8).reshape(e, n, kh // 32, 2).transpose(1, 2)
     return vendor_ops.call(
         GMM, [xq], [w.view(torch.uint8).transpose(1, 2)], antiquant_scale=[scales], per_token_scale=[xs],
-        per_token_scale_dtype=torch.float8_e8m0fnu, group_list=counts.cumsum(0) if cumsum else counts, split_item=2,
-        group_type=0, group_list_type=0 if cumsum else 1, x_dtype=torch.float8_e4m3fn,
-        weight_dtype=getattr(npu, "float4_e2m1fn_x2", 296), output_dtype=x_rows.dtype)[0]
+        per_token_scale_dtype=torch.float8_e8m0fnu, group_list=ends, split_item=2, group_type=0, group_list_type=0,
+        x_dtype=torch.float8_e4m3fn, weight_dtype=getattr(npu, "float4_e2m1fn_x2", 296), output_dtype=x_rows.dtype)[0]
 
 
 def _swiglu(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor | None, limit: float, dtype) -> torch.Tensor:
@@ -175,30 +178,23 @@ def _swiglu(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor | None, limit
 
 
 def _shared_rows(x: torch.Tensor, ew, limit: float) -> torch.Tensor:
-    """The shared expert is one dense MLP over every row: plain matmuls on the device for bf16 (a one-group
-    npu_grouped_matmul would need a group_list of length 1, which group_list_type 1 forbids); FP8 blocks through
-    fp8_linear; FP4 through the MX GEMM with one group given as a cumsum."""
+    """The shared expert is one dense MLP over every row: FP8 blocks through the registry's fp8_linear; bf16 and
+    FP4 as a one-group grouped GEMM (the routed experts' path, every row in group 0)."""
     if ew.fmt == "fp8":      # V4 checkpoints keep the shared expert in FP8 blocks: the registry's fp8_linear
         lin = lambda t, w, sc: ops.fp8_linear(t, w[0], sc[0], ew.scale_fmt)   # noqa: E731
         h = _swiglu(lin(x, ew.w1, ew.s1), lin(x, ew.w3, ew.s3), None, limit, x.dtype)
         return lin(h, ew.w2, ew.s2)
-    if ew.fmt == "fp4":
-        one = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
-        h = _swiglu(_mx_grouped(x, ew.w1, ew.s1, one, True), _mx_grouped(x, ew.w3, ew.s3, one, True), None, limit,
-                    x.dtype)
-        return _mx_grouped(h, ew.w2, ew.s2, one, True)
-    g, u = torch.matmul(x, ew.w1[0].t()), torch.matmul(x, ew.w3[0].t())
-    return torch.matmul(_swiglu(g, u, None, limit, x.dtype), ew.w2[0].t())
+    return _expert_rows(x, ew, torch.full((1,), x.shape[0], dtype=torch.int64, device=x.device), None, limit)
 
 
-def _routed_rows(expanded, ew, counts, slot_weight, limit):
-    """Expanded rows (grouped by expert) through w1/w3, SwiGLU with DeepSeek's clamp and the routing weight, w2."""
+def _expert_rows(rows, ew, ends, slot_weight, limit):
+    """Rows grouped by expert (group g ends at row ends[g]) through w1/w3, SwiGLU with DeepSeek's clamp and the
+    routing weight (None: the shared expert), w2."""
     if ew.fmt == "fp4":
-        g, u = _mx_grouped(expanded, ew.w1, ew.s1, counts, False), _mx_grouped(expanded, ew.w3, ew.s3, counts, False)
-        return _mx_grouped(_swiglu(g, u, slot_weight, limit, expanded.dtype), ew.w2, ew.s2, counts, False)
-    h = _swiglu(_grouped(expanded, ew.w1, counts), _grouped(expanded, ew.w3, counts), slot_weight, limit,
-                expanded.dtype)
-    return _grouped(h, ew.w2, counts)
+        g, u = _mx_grouped(rows, ew.w1, ew.s1, ends), _mx_grouped(rows, ew.w3, ew.s3, ends)
+        return _mx_grouped(_swiglu(g, u, slot_weight, limit, rows.dtype), ew.w2, ew.s2, ends)
+    h = _swiglu(_grouped(rows, ew.w1, ends), _grouped(rows, ew.w3, ends), slot_weight, limit, rows.dtype)
+    return _grouped(h, ew.w2, ends)
 
 
 @register("moe_experts", "cann", "npu", available=availability(INIT_ROUTING, GMM), supports=_supports_experts,
@@ -210,13 +206,13 @@ def moe_experts_cann(x, idx, weights, experts, shared=None, swiglu_limit=0.0):
     # w2, so their rows come back exactly 0 and add nothing, as in the reference, without a host-side check.
     routed = idx >= 0
     weights = torch.where(routed, weights.float(), 0.0)
-    expanded, row_of_slot, counts, _ = vendor_ops.call(
+    expanded, row_of_slot, ends, _ = vendor_ops.call(
         INIT_ROUTING, x, idx.clamp_min(0).to(torch.int32), active_num=t * k, expert_num=experts.num_experts,
-        expert_tokens_num_type=1, expert_tokens_num_flag=True, row_idx_type=0)
+        expert_tokens_num_type=0, expert_tokens_num_flag=True, row_idx_type=0)
     row_of_slot = row_of_slot.long()
     slot_weight = torch.empty(t * k, dtype=torch.float32, device=x.device)
     slot_weight[row_of_slot] = weights.reshape(-1).float()          # expanded row r carries its slot's weight
-    per_slot = _routed_rows(expanded, experts, counts, slot_weight, swiglu_limit)[row_of_slot].view(t, k, -1)
+    per_slot = _expert_rows(expanded, experts, ends, slot_weight, swiglu_limit)[row_of_slot].view(t, k, -1)
     acc = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
     if shared is not None:
         acc += _shared_rows(x, shared, swiglu_limit).float()

@@ -592,17 +592,23 @@ def test_prepare_weights_casts_compressor_projections_only_when_exact():
 # ----------------------------------------------------------------------------------------------- 950 MX experts
 @pytest.mark.parametrize("standin", ["950"], indirect=True)
 def test_fp4_experts_on_the_950_equal_the_reference_through_the_mx_gemm(standin):
-    """DeepSeek's FP8 activation blocks expressed as MX scales: the W4A8 MX grouped GEMM reproduces fp4 experts."""
-    case = next(c for c in all_cases(small=True) if c.case_id == "moe_experts/fp4/bfloat16")
-    rec = run_case(case, "cann", registry.get_backend("ascend"), "cpu", {})
-    assert rec.status == "pass" and rec.max_abs == 0.0, (rec.status, rec.message, rec.max_abs)
+    """DeepSeek's FP8 activation blocks expressed as MX scales: the W4A8 MX grouped GEMM reproduces fp4 experts
+    bit for bit, on the experts prepare_weights makes at load (e8m0 scales); fp32 scales are declined by dtype."""
     from dsv4_portable.backends.ascend.weights import prepare_weights
-    x, idx, w, experts, shared, limit = case.args()
-    prepared = prepare_weights({"layers.0.ffn.experts": experts})["layers.0.ffn.experts"]
-    assert prepared.s1.dtype == torch.float8_e8m0fnu and torch.equal(prepared.s1.float(), experts.s1)
-    with registry.use_backend("ascend"):
-        torch.testing.assert_close(ops.moe_experts(x, idx, w, prepared, shared, limit),
-                                   ref.moe_experts(x, idx, w, experts, shared, limit), rtol=0, atol=0)
+    backend = registry.get_backend("ascend")
+    for case_id in ("moe_experts/fp4/bfloat16", "moe_experts/fp4/clamp_beyond_10"):
+        case = next(c for c in all_cases(small=True) if c.case_id == case_id)
+        x, idx, w, experts, shared, limit = case.args()
+        why = ops.moe_experts.explain(x, idx, w, experts, shared, limit, backend=backend)
+        assert why[0][:2] == ("cann", "skipped") and "scales are torch.float32" in " ".join(why[0][2]), why
+        prepared = prepare_weights({"layers.0.ffn.experts": experts, "layers.0.ffn.shared_experts": shared})
+        ex, sh = prepared["layers.0.ffn.experts"], prepared["layers.0.ffn.shared_experts"]
+        assert ex.s1.dtype == sh.s1.dtype == torch.float8_e8m0fnu and torch.equal(ex.s1.float(), experts.s1)
+        with registry.use_backend("ascend"):
+            registry.reset_counts()
+            got = ops.moe_experts(x, idx, w, ex, sh, limit)
+            assert registry.provider_counts()["moe_experts"] == {"cann": 1}
+        torch.testing.assert_close(got, ref.moe_experts(x, idx, w, experts, shared, limit), rtol=0, atol=0)
 
 
 def _one_expert_case(case_id: str):

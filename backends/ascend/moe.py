@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv4_portable import ops
-from dsv4_portable.reference.quant import FP8_LINEAR_BLOCK, float_to_e8m0, linear_f32
+from dsv4_portable.reference.quant import FP8_LINEAR_BLOCK, e8m0_bits, linear_f32
 from dsv4_portable.registry import register
 
 from . import chip as chip_mod
@@ -30,6 +30,7 @@ GATING_TORCH_NPU = ("torch_npu.npu_moe_gating_top_k",)
 INIT_ROUTING = ("torch_npu.npu_moe_init_routing_v2", "npu.npu_moe_init_routing_v2")
 GMM = ("torch_npu.npu_grouped_matmul", "npu.npu_grouped_matmul")
 NORM_TYPE = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}
+E8M0 = (torch.float8_e8m0fnu, torch.uint8)       # the MX GEMM's scale dtypes (prepare_weights stores e8m0)
 
 
 # ----------------------------------------------------------------------------------------------- routing
@@ -94,12 +95,10 @@ def _mx_reasons(name, ew) -> list[str]:
     out = []
     if ew.scale_fmt != "ue8m0":
         out.append(f"{name} quantise activations with scale_fmt {ew.scale_fmt!r}; MX scales are e8m0 (ue8m0 only)")
-    for s in (ew.s1, ew.s2, ew.s3):
-        # e8m0 after prepare_weights; fp32 scales (unprepared weights) must be exact powers of two (a host check)
-        if s.dtype not in (torch.float8_e8m0fnu, torch.uint8) and not bool((s.float().view(torch.int32)
-                                                                             & 0x807FFFFF == 0).all()):
-            out.append(f"{name} scales are not all powers of two; the MX GEMM reads e8m0 scales")
-            break
+    bad = sorted({str(s.dtype) for s in (ew.s1, ew.s2, ew.s3) if s.dtype not in E8M0})
+    if bad:     # decided by dtype alone: reading the values would be a host sync on every dispatch
+        out.append(f"{name} scales are {', '.join(bad)}; the MX GEMM reads e8m0 scales (prepare_weights converts "
+                   "power-of-two scales at load)")
     if ew.hidden % 128 or ew.inter % 128:
         out.append(f"{name} dims {ew.hidden}/{ew.inter}; the MX path needs multiples of 128 (activation blocks)")
     return out
@@ -144,7 +143,7 @@ def _mx_act(x_rows: torch.Tensor):
     reference, so the products equal fp4_linear's (npu_dynamic_mx_quant would use OCP's 1x32 rule instead)."""
     xq, xs = ops.quant_fp8(x_rows, FP8_LINEAR_BLOCK, "ue8m0")
     m, k = x_rows.shape
-    s32 = float_to_e8m0(xs).view(torch.uint8).repeat_interleave(FP8_LINEAR_BLOCK // 32, -1)
+    s32 = e8m0_bits(xs).repeat_interleave(FP8_LINEAR_BLOCK // 32, -1)     # ue8m0: powers of two by construction
     return xq, s32.reshape(m, k // 64, 2)
 
 
@@ -155,10 +154,6 @@ def _mx_grouped(x_rows: torch.Tensor, w: torch.Tensor, s: torch.Tensor, ends: to
     e, n, kh = w.shape
     xq, xs = _mx_act(x_rows)
     npu = sys.modules["torch_npu"]
-    if s.dtype not in (torch.float8_e8m0fnu, torch.uint8):
-        # unprepared fp32 powers of two (checked in supports): their exponent bytes. prepare_weights stores e8m0
-        # at load, so a loaded model never takes this copy.
-        s = ((s.float().view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
     scales = s.view(torch.uint8).reshape(e, n, kh // 32, 2).transpose(1, 2)
     return vendor_ops.call(
         GMM, [xq], [w.view(torch.uint8).transpose(1, 2)], antiquant_scale=[scales], per_token_scale=[xs],

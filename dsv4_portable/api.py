@@ -13,7 +13,7 @@ import sys
 import torch
 
 from .config import ModelConfig, load_config
-from .model.cache import KVCache
+from .model.cache import KVCache, python_arg
 from .model.checkpoint import WEIGHT_MODES, CheckpointError, load_params
 from .model.generate import Generation, generate
 from .model.transformer import ModelInputError, Transformer
@@ -21,6 +21,16 @@ from .registry import use_backend
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
           "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(dtype, arg=python_arg) -> torch.dtype:
+    """An activation dtype: a name in DTYPES, or a torch.dtype as given; ValueError naming the choices. The CLI
+    runs this on --dtype before loading anything (arg: how the argument is spelled, see cache.python_arg)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"{arg('dtype')} {dtype!r} is unknown (choose {', '.join(DTYPES)})")
+    return DTYPES[dtype]
 
 
 class Model:
@@ -81,10 +91,7 @@ def load_model(path: str | pathlib.Path = "tiny", device: str = "cpu", dtype="bf
     The choice and its reason are printed and kept in `model.weight_note`. quant_sim: DeepSeek's QAT simulation
     (on by default). keep_expert(layer, expert) -> bool: load only these routed experts (expert parallelism;
     see model.checkpoint.load_params for the contract)."""
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r} (choose {', '.join(DTYPES)})")
-        dtype = DTYPES[dtype]
+    dtype = parse_dtype(dtype)
     # The model's backend is active while it loads and while its own methods run; the caller's stays as it was.
     with use_backend(device) as backend:      # fails here, with the reason, if the device cannot run
         if weights != "auto" and weights not in WEIGHT_MODES:

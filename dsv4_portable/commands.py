@@ -77,7 +77,7 @@ DEFAULT_IDS = list(range(2, 34))
 DEFAULT_TEXT = "The quick brown fox"
 
 
-def parse_prompts(args, has_tokenizer: bool, where: str = "") -> list:
+def parse_prompts(args, has_tokenizer: bool) -> list:
     """--prompt values: token-id lists, or text where the checkpoint has a tokenizer. One default prompt."""
     if not args.prompt:
         return [DEFAULT_TEXT if has_tokenizer else list(DEFAULT_IDS)]
@@ -91,7 +91,7 @@ def parse_prompts(args, has_tokenizer: bool, where: str = "") -> list:
         elif not p.strip():
             raise UsageError("--prompt is empty")
         else:
-            raise UsageError(f"--prompt {p!r}: {where or args.model} has no tokenizer.json, so prompts must be "
+            raise UsageError(f"--prompt {p!r}: {args.model} has no tokenizer.json, so prompts must be "
                              "comma-separated token ids (e.g. --prompt 5,17,42)")
     return out
 
@@ -101,31 +101,35 @@ def run_prompts(args, model) -> list:
     return parse_prompts(args, model.tokenizer is not None)
 
 
-def check_run_args(args):
-    """Every user-input problem of `dsv4 run`, before anything is loaded: returns the model's config."""
+_FLAGS = {"prompts": "--prompt", "layout": "--cache-layout"}
+
+
+def cli_arg(name: str, *value) -> str:
+    """An API argument as `dsv4 run` spells it, for the API's own checkers: `--top-p`, `--cache-layout fp8`,
+    `--no-quant-sim` (the Python spelling is model.cache.python_arg)."""
+    if name == "quant_sim" and value:
+        return "--no-quant-sim" if not value[0] else "no --no-quant-sim"
+    flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+    return f"{flag} {value[0]}" if value else flag
+
+
+def check_run_args(args) -> list:
+    """Every user-input problem of `dsv4 run`, before anything is loaded: the API's own checks (dtype, cache
+    layout, generate's arguments) in the flags' words, and the device, checked without making it active.
+    Returns the prompts (parse_prompts)."""
     import pathlib
 
-    from .api import DTYPES
+    from .api import parse_dtype
     from .config import load_config, load_preset
+    from .model.cache import check_layout
+    from .model.generate import check_generate_args
     if args.ep < 1:
         raise UsageError(f"--ep must be >= 1, got {args.ep}")
-    registry.set_backend(args.device)            # unknown / unavailable device: its own clear error
+    registry.check_available(args.device)       # unknown / unavailable device: its own clear error
     if args.ep > 1:
         from .ep.model import validate_ep
         validate_ep(args)                        # expert split, devices per rank
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.dtype not in DTYPES:
-        raise UsageError(f"--dtype {args.dtype!r} is unknown (choose {', '.join(DTYPES)})")
-    if args.cache_layout == "fp8" and DTYPES[args.dtype] != torch.bfloat16:
-        raise UsageError(f"--cache-layout fp8 keeps bf16 rope dims and needs --dtype bf16, got --dtype {args.dtype}")
-    if args.cache_layout == "fp8" and args.no_quant_sim:
-        raise UsageError("--cache-layout fp8 stores entries exactly only with the QAT simulation on; drop "
-                         "--no-quant-sim or use --cache-layout plain")
+    check_layout(args.cache_layout, parse_dtype(args.dtype, cli_arg), not args.no_quant_sim, cli_arg)
     if args.model == "tiny":
         cfg, has_tok = load_preset("tiny"), False
     else:
@@ -133,20 +137,14 @@ def check_run_args(args):
         if not path.is_dir():
             raise UsageError(f"--model {args.model}: checkpoint directory does not exist")
         cfg, has_tok = load_config(path), (path / "tokenizer.json").exists()
-    for p in parse_prompts(args, has_tok):
-        if isinstance(p, list):
-            bad = [t for t in p if t >= cfg.vocab_size]
-            if bad:
-                raise UsageError(f"--prompt: token ids {bad[:8]} are outside the vocabulary [0, {cfg.vocab_size})")
-            if len(p) + args.max_new_tokens > cfg.max_position_embeddings:
-                raise UsageError(f"--prompt of {len(p)} tokens + --max-new-tokens {args.max_new_tokens} exceed "
-                                 f"max_position_embeddings {cfg.max_position_embeddings}")
-    return cfg
+    prompts = parse_prompts(args, has_tok)
+    check_generate_args(cfg, prompts, args.max_new_tokens, args.temperature, args.top_p, cli_arg)
+    return prompts
 
 
 def run_main(args) -> int:
     from .api import load_model
-    check_run_args(args)
+    prompts = check_run_args(args)
     registry.reset_counts()
     ep = args.ep
     if ep > 1:
@@ -161,16 +159,14 @@ def run_main(args) -> int:
               ", ".join(f"{r['rank']}:{r['local_experts'][0]}-{r['local_experts'][-1]}" for r in ranks) +
               "; MoE exchanges per rank (own + served for others): " +
               ", ".join(f"{r['rank']}:{r['moe_calls']}+{r['served']}" for r in ranks), file=sys.stderr)
-        tokens, texts = out.tokens, out.texts
     else:
         model = load_model(args.model, device=args.device, dtype=args.dtype, weights=args.weights,
                            quant_sim=not args.no_quant_sim)
-        out = model.generate(run_prompts(args, model), max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                             cache_layout=args.cache_layout, progress=True)
+        out = model.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p, seed=args.seed, cache_layout=args.cache_layout, progress=True)
         counts = registry.provider_counts()
         model_path, weights = model.path, model.weights
-        tokens, texts = out.tokens, out.texts
+    tokens, texts = out.tokens, out.texts
     simulated = registry.get_backend(args.device).simulated()
     device = args.device + (f" [simulated: {simulated}]" if simulated else "")
     summary = {

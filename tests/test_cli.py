@@ -45,7 +45,7 @@ def test_plan_flash_1m(capsys):
     (["run", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["run", "--top-p", "0"], "--top-p must be in (0, 1]"),
     (["run", "--temperature", "-1"], "--temperature must be >= 0"),
-    (["run", "--prompt", "5,6", "--prompt", "3,1024"], "[1024] are outside the vocabulary [0, 1024)"),
+    (["run", "--prompt", "5,6", "--prompt", "3,1024"], "--prompt: token ids must be in [0, 1024); got 1024"),
     (["run", "--cache-layout", "fp8", "--dtype", "fp32"], "needs --dtype bf16"),
     (["run", "--cache-layout", "fp8", "--no-quant-sim"], "--no-quant-sim"),
     (["run", "--dtype", "int4"], "--dtype 'int4' is unknown"),
@@ -60,6 +60,29 @@ def test_bad_input_is_one_clear_line_before_loading(capsys, monkeypatch, argv, n
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+def test_run_checks_are_the_apis_in_flag_words_and_leave_the_backend_alone(capsys):
+    import dsv4_portable as dsv4
+    from dsv4_portable.commands import check_run_args
+    from dsv4_portable.model.transformer import ModelInputError
+    m = dsv4.load_model("tiny", quiet=True)
+    for argv, kw in ((["--temperature", "-0.5"], dict(temperature=-0.5)), (["--top-p", "1.5"], dict(top_p=1.5)),
+                     (["--max-new-tokens", "0"], dict(max_new_tokens=0))):
+        with pytest.raises(ModelInputError) as api:
+            m.generate([[5, 6]], **kw)
+        assert main(["run", *argv]) == 2
+        flag = argv[0][2:].replace("-", "_")
+        assert capsys.readouterr().err.strip() == "error: " + str(api.value).replace(flag, argv[0])
+    with dsv4.use_backend("ascend", require_available=False):
+        args = build_run_args(["--prompt", "5,6", "--prompt", "7"])
+        assert check_run_args(args) == [[5, 6], [7]]            # the parsed prompts run_main generates for
+        assert dsv4.active_backend().name == "ascend"          # --device cpu was checked, not made active
+
+
+def build_run_args(argv):
+    from dsv4_portable.cli import build_parser
+    return build_parser().parse_args(["run", *argv])
 
 
 def test_run_a_batch_of_prompts_prints_each(capsys):

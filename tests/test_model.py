@@ -204,6 +204,11 @@ def test_prompt_longer_than_cache_is_refused_before_work(model32):
         model32.forward(torch.tensor([[1, 5000]]))
     with pytest.raises(ModelInputError, match="max_position_embeddings"):
         model32.generate([[1, 2]], max_new_tokens=70000)
+    with pytest.raises(ModelInputError, match=r"temperature must be >= 0 \(0: greedy\), got -1"):
+        model32.generate([[1, 2]], temperature=-1)             # was run as greedy
+    with pytest.raises(CacheError, match=r"layout='fp8' keeps bf16 rope dims and needs dtype='bf16', got "
+                                         r"dtype='float32'"):
+        model32.new_cache(1, 8, "fp8")
 
 
 def _copy(ckpt, tmp_path, mutate):
@@ -261,7 +266,7 @@ def test_hash_layer_needs_input_ids(model32):
 def test_unknown_device_and_dtype(ckpt):
     with pytest.raises(dsv4.UnknownDeviceError, match="unknown device 'gpu'"):
         dsv4.load_model(ckpt, device="gpu", quiet=True)
-    with pytest.raises(ValueError, match="unknown dtype"):
+    with pytest.raises(ValueError, match=r"dtype 'int8' is unknown \(choose bf16, "):
         dsv4.load_model(ckpt, dtype="int8", quiet=True)
     with pytest.raises(CheckpointError, match="does not exist"):
         dsv4.load_model(pathlib.Path("/nonexistent"), quiet=True)

@@ -37,6 +37,29 @@ class CacheError(ValueError):
     """The cache cannot hold what was asked (too long a prompt, wrong batch, unsupported layout)."""
 
 
+def python_arg(name: str, *value) -> str:
+    """An argument as a Python caller writes it, for messages: `top_p`, or with a value `layout='fp8'`. The
+    argument checkers take the speller as a parameter so the CLI runs the same checks in its flags' words
+    (commands.cli_arg: `--top-p`, `--cache-layout fp8`)."""
+    return f"{name}={value[0]!r}" if value else name
+
+
+def check_layout(layout: str, dtype: torch.dtype, quant_sim: bool, arg=python_arg) -> str:
+    """The cache layout `layout` ("auto", "plain" or "fp8") stands for with these activations; CacheError if it
+    cannot hold them exactly. Pure: nothing is allocated."""
+    if layout == "auto":
+        return "fp8" if (quant_sim and dtype == torch.bfloat16) else "plain"
+    if layout not in ("plain", "fp8"):
+        raise CacheError(f"{arg('layout', layout)} is unknown (plain, fp8 or auto)")
+    if layout == "fp8" and dtype != torch.bfloat16:
+        raise CacheError(f"{arg('layout', 'fp8')} keeps bf16 rope dims and needs {arg('dtype', 'bf16')}, got "
+                         f"{arg('dtype', str(dtype).removeprefix('torch.'))}")
+    if layout == "fp8" and not quant_sim:
+        raise CacheError(f"{arg('layout', 'fp8')} stores entries exactly only with the QAT simulation on: drop "
+                         f"{arg('quant_sim', False)} or use {arg('layout', 'plain')}")
+    return layout
+
+
 class EntryStore:
     """[B, N, head_dim] rows, stored plain or in the packed FP8 layout; read back as the model dtype."""
 
@@ -158,15 +181,7 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype=torch.bfloat16, device="cpu",
                  layout: str = "auto", quant_sim: bool = True, n_layers: int | None = None):
-        if layout == "auto":
-            layout = "fp8" if (quant_sim and dtype == torch.bfloat16) else "plain"
-        if layout not in ("plain", "fp8"):
-            raise CacheError(f"unknown cache layout {layout!r} (plain, fp8 or auto)")
-        if layout == "fp8" and not quant_sim:
-            raise CacheError("the fp8 cache layout stores entries exactly only with quant_sim on; "
-                             "use layout='plain' with quant_sim=False")
-        if layout == "fp8" and dtype != torch.bfloat16:
-            raise CacheError(f"the fp8 cache layout keeps bf16 rope dims and needs bf16 activations, got {dtype}")
+        layout = check_layout(layout, dtype, quant_sim)
         if max_len < 1 or batch < 1:
             raise CacheError(f"cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
         if max_len > cfg.max_position_embeddings:

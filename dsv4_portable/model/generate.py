@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import ModelConfig
+from .cache import python_arg
 from .transformer import ModelInputError, Transformer
 
 
@@ -45,23 +47,40 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1).to(logits.device)
 
 
+def check_generate_args(cfg: ModelConfig, prompts: list, max_new_tokens: int, temperature: float, top_p: float,
+                        arg=python_arg) -> None:
+    """Every problem of generate's arguments that their Python values show, before any work (ModelInputError).
+    prompts: token-id lists; a text prompt (str, not yet tokenised) is only checked to be non-empty. The CLI runs
+    this before loading the model, with its flags' spelling (arg, see cache.python_arg)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ModelInputError(f"{arg('prompts')}: generate needs at least one prompt, and none may be empty")
+    if max_new_tokens < 1:
+        raise ModelInputError(f"{arg('max_new_tokens')} must be >= 1, got {max_new_tokens}")
+    if not temperature >= 0:                 # written so that NaN fails too
+        raise ModelInputError(f"{arg('temperature')} must be >= 0 (0: greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ModelInputError(f"{arg('top_p')} must be in (0, 1], got {top_p}")
+    ids = [p for p in prompts if not isinstance(p, str)]
+    v = cfg.vocab_size
+    bad = sorted({t for p in ids for t in p if not 0 <= t < v})
+    if bad:
+        raise ModelInputError(f"{arg('prompts')}: token ids must be in [0, {v}); got {', '.join(map(str, bad[:8]))}"
+                              + (" ..." if len(bad) > 8 else ""))
+    longest = max((len(p) for p in ids), default=0)
+    if ids and longest + max_new_tokens > cfg.max_position_embeddings:
+        raise ModelInputError(f"{arg('prompts')}: the longest prompt ({longest} tokens) + {arg('max_new_tokens')} "
+                              f"{max_new_tokens} = {longest + max_new_tokens} exceeds max_position_embeddings "
+                              f"{cfg.max_position_embeddings}")
+
+
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None, stop_tokens: tuple[int, ...] | None = None,
              cache_layout: str = "auto", progress: bool = False) -> Generation:
     """Generate for each prompt (lists of token ids). Prompts of equal length are decoded as one batch; a batch
     stops when every row has produced a stop token or max_new_tokens."""
     cfg = model.cfg
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ModelInputError("generate needs at least one non-empty prompt")
-    if max_new_tokens < 1:
-        raise ModelInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not 0 < top_p <= 1:
-        raise ModelInputError(f"top_p must be in (0, 1], got {top_p}")
-    model.check_token_ids(prompts)          # here, on the lists: the forwards below skip the device-side check
-    longest = max(len(p) for p in prompts) + max_new_tokens
-    if longest > cfg.max_position_embeddings:
-        raise ModelInputError(f"prompt + max_new_tokens = {longest} exceeds max_position_embeddings "
-                              f"{cfg.max_position_embeddings}")
+    # here, on the lists (ids included): the forwards below skip the device-side range check
+    check_generate_args(cfg, prompts, max_new_tokens, temperature, top_p)
     stops = set(stop_tokens if stop_tokens is not None else ([cfg.eos_token_id] if cfg.eos_token_id is not None else []))
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     out = Generation(tokens=[[] for _ in prompts])

@@ -171,14 +171,6 @@ class Transformer:
     def new_cache(self, batch: int, max_len: int, layout: str = "auto") -> KVCache:
         return KVCache(self.cfg, batch, max_len, self.dtype, self.device, layout, self.quant_sim)
 
-    def check_token_ids(self, prompts: list[list[int]]) -> None:
-        """Token ids given as Python lists (prompts) must lie in [0, vocab): checked without touching a device."""
-        v = self.cfg.vocab_size
-        bad = sorted({t for p in prompts for t in p if not 0 <= t < v})
-        if bad:
-            raise ModelInputError(f"token ids must be in [0, {v}); got {', '.join(map(str, bad[:8]))}"
-                                  + (" ..." if len(bad) > 8 else ""))
-
     def _check_ids(self, input_ids: torch.Tensor, cache: KVCache | None, values: bool = True) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int32,
                                                                                                   torch.int64):

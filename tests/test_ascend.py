@@ -430,8 +430,11 @@ def test_prepare_weights_replaces_tensors_once_and_keeps_the_logits(standin):
         gate = "layers.1.ffn.gate.weight"
         before = Transformer(cfg, params, BF16, "cpu").forward(ids, all_logits=True)
         original = weakref.ref(params[gate])
-        prepared = prepare_weights(params, "A3")
+        prepared = prepare_weights(params)
         assert prepared[gate].dtype == torch.float32 and torch.equal(prepared[gate], params[gate].float())
+        tables = [k for k in params if k.endswith(".ffn.gate.tid2eid")]      # the hash layers' routing tables
+        assert tables and all(prepared[k].dtype == torch.int32 and torch.equal(prepared[k].long(), params[k].long())
+                              for k in tables)
         assert set(prepared) == set(params)
         del params
         gc.collect()
@@ -584,7 +587,7 @@ def test_prepare_weights_casts_compressor_projections_only_when_exact():
     exact = torch.randn(8, 16).to(BF16).float()
     params = {"layers.1.attn.compressor.wkv.weight": exact,
               "layers.1.attn.indexer.compressor.wgate.weight": torch.randn(8, 16) / 3}
-    out = prepare_weights(params, "A3")
+    out = prepare_weights(params)
     assert out["layers.1.attn.compressor.wkv.weight"].dtype == BF16
     assert out["layers.1.attn.indexer.compressor.wgate.weight"] is params["layers.1.attn.indexer.compressor.wgate.weight"]
 

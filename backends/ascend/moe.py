@@ -73,6 +73,7 @@ def _supports_route(x, gate_weight, bias, tid2eid, input_ids, topk, score_func="
                "hash) or torch_npu.npu_moe_gating_top_k (softmax, sigmoid)")
 def moe_route_cann(x, gate_weight, bias, tid2eid, input_ids, topk, score_func="sqrtsoftplus", route_scale=1.0):
     logits = linear_f32(x.float(), gate_weight)          # fp32 product (prepare_weights stores the gate in fp32)
+    # tid2eid: int32 from prepare_weights, so .int() is a no-op there (a copy only for unprepared tables)
     hash_args = {} if tid2eid is None else {"input_ids": input_ids.long(), "tid2eid": tid2eid.int()}
     # keywords only: the two builds order their arguments differently (torch_binding.cpp vs torch_npu schema)
     w, idx, _ = vendor_ops.call(_gating_op(score_func), logits, topk, bias=None if bias is None else bias.float(),

@@ -65,22 +65,25 @@ def _e8m0_scales(experts):
     return dataclasses.replace(experts, **scales)
 
 
-def prepare_weights(params: dict, chip_name: str | None = None) -> dict:
+def prepare_weights(params: dict) -> dict:
     """The parameter dict with each weight in the layout the Ascend ops read, made once at load.
 
     - MoE router weights (`*.ffn.gate.weight`) -> fp32: the router logits are an fp32 product, so the
       provider's upcast becomes a no-op instead of a copy of the gate weight per call.
+    - hash layers' routing tables (`*.ffn.gate.tid2eid`, [vocab, k]) -> int32, the gating kernel's index dtype,
+      so the provider's cast is a no-op instead of a copy of the table per call.
     - quantised dense weights: fp32 scales.
     - FP4 expert stacks: e8m0 scales (from the loader's fp32 powers of two), what the 950's MX GEMM reads.
     - compressor projections (`*.compressor.wkv.weight`, `*.compressor.wgate.weight`) -> bf16 when exact, the
       dtype the fused compressor takes (half the memory; the reference path upcasts them per call either way).
     Everything else is kept as is (dense bf16 weights, expert stacks: the ops read transposed views).
     The returned dict holds the replacements; the caller drops the old dict, so originals are freed."""
-    chip_name = chip_name or chip()
     out = {}
     for name, value in params.items():
         if name.endswith(".ffn.gate.weight") and isinstance(value, torch.Tensor) and value.is_floating_point():
             value = value.float()
+        elif name.endswith(".ffn.gate.tid2eid") and isinstance(value, torch.Tensor):
+            value = value.to(torch.int32)
         elif name.endswith((".compressor.wkv.weight", ".compressor.wgate.weight")) and isinstance(value, torch.Tensor):
             value = _bf16_if_exact(value)
         elif hasattr(value, "s1"):

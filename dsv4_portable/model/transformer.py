@@ -180,9 +180,10 @@ class Transformer:
             raise ModelInputError("input_ids is empty (seq_len 0)")
         # the value range needs the ids on the host (a device sync on GPU): done where ids come from the user,
         # skipped (values=False) for tokens the model sampled itself or ids already checked as Python lists
-        lo, hi = (int(input_ids.min()), int(input_ids.max())) if values else (0, 0)
-        if lo < 0 or hi >= self.cfg.vocab_size:
-            raise ModelInputError(f"token ids must be in [0, {self.cfg.vocab_size}); got values in [{lo}, {hi}]")
+        if values:
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.cfg.vocab_size:
+                raise ModelInputError(f"token ids must be in [0, {self.cfg.vocab_size}); got values in [{lo}, {hi}]")
         if cache is not None:
             cache.check_room(input_ids.shape[1], input_ids.shape[0])
 
@@ -193,11 +194,9 @@ class Transformer:
         sized to the input. Returns logits float32 [B, S, vocab] (all positions) or [B, vocab] (last), and with
         return_hidden also the final mHC streams [B, S, hc, D] (the MTP block's input). check_ids=False skips
         the [0, vocab) range check of the ids' values (for ids known to be in range: sampled by the model)."""
-        if cache is None:
-            self._check_ids(input_ids, None, check_ids)
-            cache = self.new_cache(input_ids.shape[0], input_ids.shape[1])
-            check_ids = False
         self._check_ids(input_ids, cache, check_ids)
+        if cache is None:                    # sized to the input: it has room by construction
+            cache = self.new_cache(input_ids.shape[0], input_ids.shape[1])
         input_ids = input_ids.to(self.device)
         p0 = cache.pos
         h = F.embedding(input_ids, self.embed).unsqueeze(2).repeat(1, 1, self.cfg.hc_mult, 1)

@@ -48,7 +48,7 @@ class Model:
 
     def forward(self, input_ids, cache: KVCache | None = None, all_logits: bool = False):
         """Logits (float32) for new tokens; with a cache this continues from cache.pos (decode / chunked prefill)."""
-        with use_backend(self.backend):
+        with use_backend(self.backend, require_available=False):   # checked at load
             return self.net.forward(_as_ids(input_ids), cache, all_logits)
 
     def encode(self, text: str) -> list[int]:
@@ -66,7 +66,7 @@ class Model:
         if isinstance(prompts, (str, torch.Tensor)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         ids = [self.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
-        with use_backend(self.backend):
+        with use_backend(self.backend, require_available=False):   # checked at load
             out = generate(self.net, ids, max_new_tokens, temperature, top_p, seed, stop_tokens, cache_layout,
                            progress)
         if self.tokenizer is not None:

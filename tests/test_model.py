@@ -418,6 +418,16 @@ def test_ring_writes_store_each_row_in_its_slot_without_host_reads(layout, monke
     assert torch.equal(got[:, [14, 15, 0, 1, 2]], want_rows)
     assert not got[:, 3:14].any()                       # nothing else touched
     assert torch.equal(ks.read(7)[:, 4:], want_keys) and not ks.read(4).any()
+    flat = EntryStore(2, 16, 128, 64, torch.bfloat16, "cpu", layout)
+    _no_host_reads(monkeypatch)
+    flat.write(rows, 2)                                 # entries 2..6
+    flat.write_ring(rows, 40)                           # positions 40..44 -> slots 8..12 (no wrap)
+    monkeypatch.undo()
+    got = flat.read()
+    assert torch.equal(got[:, 2:7], want_rows) and torch.equal(got[:, 8:13], want_rows)
+    assert not got[:, :2].any() and not got[:, 7].any() and not got[:, 13:].any()
+    if layout == "fp8":                                 # the pad bytes after the scales stay zero
+        assert not flat.data[..., flat.scale_at + flat.n_scales:].any()
 
 
 def test_generate_checks_prompt_ids_once_on_the_lists(ckpt, monkeypatch):

@@ -72,30 +72,39 @@ class EntryStore:
         else:
             self.data = torch.zeros(batch, n, nbytes, dtype=torch.uint8, device=device)
 
-    def _pack(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows [B, n, head_dim] as stored: the model dtype, or packed FP8 entries [B, n, bytes] (uint8)."""
+    def _pack(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """rows [B, n, head_dim] as stored (the model dtype, or packed FP8 entries [B, n, bytes] uint8), written
+        into `out` (a [B, n, ...] slice of the store) or, without one, into a new tensor. The pad byte is never
+        written: the store starts zeroed."""
         if self.layout == "plain":
-            return rows.to(self.dtype)
+            return rows.to(self.dtype) if out is None else out.copy_(rows)
+        if out is None:
+            out = rows.new_zeros(*rows.shape[:-1], self.data.shape[-1], dtype=torch.uint8)
         q, s = R.quant_fp8(rows[..., :self.nope], 64)
-        packed = rows.new_zeros(*rows.shape[:-1], self.data.shape[-1], dtype=torch.uint8)
-        packed[..., :self.nope] = q.view(torch.uint8)
-        packed[..., self.nope:self.nope + 2 * self.rope_dim] = rows[..., self.nope:].to(torch.bfloat16).contiguous() \
+        out[..., :self.nope] = q.view(torch.uint8)
+        out[..., self.nope:self.nope + 2 * self.rope_dim] = rows[..., self.nope:].to(torch.bfloat16).contiguous() \
             .view(torch.uint8)
-        packed[..., self.scale_at:self.scale_at + self.n_scales] = R.quant.e8m0_bits(s)
-        return packed
+        out[..., self.scale_at:self.scale_at + self.n_scales] = R.quant.e8m0_bits(s)
+        return out
 
     def write(self, rows: torch.Tensor, start: int) -> None:
-        """rows [B, n, head_dim] at entry positions [start, start+n) (slot indices, not token positions)."""
-        self.data[:, start:start + rows.shape[1]] = self._pack(rows)
+        """rows [B, n, head_dim] at entry positions [start, start+n) (slot indices, not token positions), packed
+        straight into the store."""
+        self._pack(rows, self.data[:, start:start + rows.shape[1]])
 
     def write_ring(self, rows: torch.Tensor, first_pos: int) -> None:
         """The window ring: rows [B, n, head_dim] of token positions first_pos .. first_pos+n-1 (n <= ring size)
-        into slots pos % size, as at most two contiguous slices computed from Python ints."""
+        into slots pos % size, as at most two contiguous slices computed from Python ints. Packed straight into
+        the store unless the rows wrap around the end (then packed once and copied as two slices)."""
         size, n = self.data.shape[1], rows.shape[1]
         if n > size:
             raise CacheError(f"write_ring: {n} rows do not fit a ring of {size} slots")
-        packed, a = self._pack(rows), first_pos % size
+        a = first_pos % size
         head = min(n, size - a)
+        if head == n:
+            self._pack(rows, self.data[:, a:a + n])
+            return
+        packed = self._pack(rows)
         self.data[:, a:a + head] = packed[:, :head]
         self.data[:, :n - head] = packed[:, head:]
 

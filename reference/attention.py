@@ -155,8 +155,10 @@ def window_sparse_attn(q: torch.Tensor, window: torch.Tensor, kv: torch.Tensor, 
     (entries of `topk` that are not visible are ignored). It is `sparse_attn` over the rows [window | kv | comp]
     with those index lists (window first, oldest first, -1 before position 0), so every property of sparse_attn
     holds. The op exists so a backend sees the structure (ring, new rows, compressed store, ratio) that fused
-    kernels take (paged window + compressed caches, window masks) instead of a flat index list, and so no
-    provider has to copy the caches into one workspace. Returns q's dtype.
+    kernels take (paged window + compressed caches, window masks) instead of a flat index list, and so a fused
+    provider can read window, kv and comp where they lie instead of copying them into one workspace (this
+    reference does build one). What the model passes is its cache as read: with the plain layout the stores are
+    passed as views; the fp8 layout is dequantised on read (model.cache.EntryStore.read). Returns q's dtype.
     """
     rows, idx = window_workspace(window, kv, comp, topk, start_pos, ratio)
     return sparse_attn(q, rows, sink, idx, scale)

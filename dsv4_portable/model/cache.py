@@ -109,7 +109,8 @@ class EntryStore:
         self.data[:, :n - head] = packed[:, head:]
 
     def read(self, n: int | None = None) -> torch.Tensor:
-        """The first n entries as [B, n, head_dim] in the model dtype."""
+        """The first n entries as [B, n, head_dim] in the model dtype: plain, a view of the store; fp8, the n
+        entries dequantised into a new tensor (every read, i.e. every step)."""
         d = self.data if n is None else self.data[:, :n]
         if self.layout == "plain":
             return d
@@ -143,6 +144,7 @@ class KeyStore:
         self.data[:, start:start + n, self.dim // 2:] = R.quant.e8m0_bits(s)
 
     def read(self, n: int) -> torch.Tensor:
+        """The first n keys [B, n, dim] in the model dtype: plain, a view of the store; fp8, dequantised anew."""
         d = self.data[:, :n]
         if self.layout == "plain":
             return d

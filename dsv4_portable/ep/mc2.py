@@ -17,7 +17,8 @@ How our contract maps onto the ops:
   A2: dispatch carries the weights along (expand_scales) and combine requires them; A3 takes none in dispatch.
 - Local experts: the registry's moe_experts on the received rows (grouped by local expert, expert_token_nums per
   expert) with unit weights, so the ascend backend's providers (or the reference) compute them.
-- Shared expert: shared_expert_x on A3; A2's combine takes none, so it is added here in fp32.
+- Shared expert: the registry's moe_experts too (the shared stack as one expert, unit weights), so the ascend
+  providers compute it; it goes in as shared_expert_x on A3; A2's combine takes none, so it is added here in fp32.
 - A3 gets the TP placeholders group_tp = the EP comm name, tp_world_size 1, tp_rank_id 0 (as vllm-ascend passes).
 - quant_mode 0 (bf16 on the wire): A2/A3 have no FP8 and MC2's quant_mode 2 is per-token int8, not DeepSeek's FP8
   recipe, so FP8 dispatch is declined.
@@ -28,7 +29,6 @@ import sys
 
 import torch
 
-from ..reference.moe import expert_forward
 from .providers import EPCall
 
 DISPATCH = ("torch_npu.npu_moe_distribute_dispatch_v2",)     # vendor_ops candidates ("namespace.op")
@@ -38,12 +38,13 @@ SIMULATED_LABEL = "ascend-spec stand-in over cpu-gloo (simulated)"
 
 
 def _chip() -> str | None:
-    from ..backends.ascend.chip import chip
+    from ..backends.ascend.chip import chip        # imported on use: importing ep must not load the backend
     return chip()
 
 
-def _standin() -> bool:
-    return bool(getattr(sys.modules.get("torch_npu"), "__spec_standin__", False))
+def _simulated() -> bool:
+    from ..backends.ascend.common import simulated
+    return simulated()
 
 
 def availability() -> list[str]:
@@ -101,7 +102,7 @@ def hccl_comm_name(group, rank: int) -> str:
     """The communicator name MC2 ops take as group_ep: the one place that knows how to get it. A real host asks the
     group's hccl backend; the spec stand-in names its gloo groups itself."""
     npu = sys.modules["torch_npu"]
-    if _standin():
+    if _simulated():
         return npu.spec_comm_name(group)
     import torch.distributed as dist
     pg = group if group is not None else dist.group.WORLD
@@ -146,13 +147,19 @@ def mc2_moe_forward(x, topk_idx, topk_weights, experts, shared, swiglu_limit, pl
     expand_x, _, assist, per_expert, ep_recv, tp_recv, expand_scales = vendor_ops.call(
         DISPATCH, x_padded, ids, *domain, x_active_mask=active, expert_scales=weights if chip == "A2" else None,
         quant_mode=0, global_bs=bs * world, expert_token_nums_type=1, **tp)
+    # The one host sync of the layer: the expert GEMMs' row count depends on the routing. Knowing it, the expert
+    # ids of the rows are made without another (repeat_interleave with output_size).
     n = int(per_expert.sum())
     y = torch.zeros_like(expand_x)
     if n:
-        local = torch.repeat_interleave(torch.arange(placement.experts_per_rank, device=dev), per_expert.long())
+        local = torch.repeat_interleave(torch.arange(placement.experts_per_rank, device=dev), per_expert.long(),
+                                        output_size=n)
         y[:n] = ops.moe_experts(expand_x[:n], local.view(-1, 1), torch.ones(n, 1, device=dev), experts, None,
                                 swiglu_limit)
-    bias = expert_forward(x, shared, 0, None, swiglu_limit) if shared is not None and t else None
+    bias = None
+    if shared is not None and t:       # a one-expert stack with unit weights through the registry (module doc)
+        bias = ops.moe_experts(x, torch.zeros(t, 1, dtype=torch.int64, device=dev), torch.ones(t, 1, device=dev),
+                               shared, None, swiglu_limit)
     if chip == "A2":
         extra = {"expand_scales": expand_scales}
     else:
@@ -164,6 +171,6 @@ def mc2_moe_forward(x, topk_idx, topk_weights, experts, shared, swiglu_limit, pl
                           **extra)[:t]
     if chip == "A2" and bias is not None:
         out = (out.float() + bias.float()).to(x.dtype)
-    label = SIMULATED_LABEL if _standin() else f"device {'multi' if world > 1 else 'single'}-rank (hccl)"
+    label = SIMULATED_LABEL if _simulated() else f"device {'multi' if world > 1 else 'single'}-rank (hccl)"
     comm.ran[("mc2", label)] += 1
     return out

@@ -129,6 +129,13 @@ def linear_cases() -> list[Case]:
         cases.append(Case("grouped_linear", f"grouped_linear/{n}", 24, dt,
                           lambda g, dt=dt: (_randn(g, 3, 4, 64, dtype=dt), _randn(g, 4, 32, 64, dtype=dt, scale=0.1)),
                           k=64, slice0=_first(0)))
+    # M = 20 rows: their batch-invariance check compares a row of a 17..64-row call with the same row alone (M = 1),
+    # two different launch plans of a GPU provider that tiles by M bucket (the cases above stay in one bucket)
+    cases.append(Case("fp8_linear", "fp8_linear/bfloat16/m20_vs_m1", 26, BF16,
+                      lambda g: (_randn(g, 20, 256, dtype=BF16), *fp8w(g, 192, 256, True)), k=256, slice0=_first(0)))
+    cases.append(Case("linear", "linear/bfloat16/m20_vs_m1", 27, BF16,
+                      lambda g: (_randn(g, 20, 64, dtype=BF16), _randn(g, 48, 64, dtype=BF16, scale=0.1)), k=64,
+                      slice0=_first(0)))
     return cases
 
 

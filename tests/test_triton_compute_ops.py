@@ -160,43 +160,48 @@ def check_float_linear():
 def check_gemm_split_k():
     """Small M with a long K: the plan splits K (the interpreter's virtual GPU has 8 SMs) and the fixed-order
     reduce runs; fp8_linear, linear and grouped_linear stay within tolerance, every M of a bucket gives a row
-    the same bits, and the grouped product is one launch."""
+    the same bits, and each call is one GEMM launch with K splits (the grouped one with its 4 groups as grid
+    axis 2) and one reduce."""
     from dsv4_portable.reference.quant import quant_fp8_weight
     g = _gen(15)
     log, recording = _launch_log()
+
+    def split_call(op, gemm, groups, *args):
+        log.clear()
+        with recording():
+            out, ref = _run_both(op, *args)
+        grids = [grid for n, grid, _ in log if n == gemm]
+        assert len(grids) == 1, f"{op}: {len(grids)} {gemm} launches, want one: {log}"
+        assert grids[0][1] > 1, f"{op}: K was not split (grid {grids[0]})"
+        assert (grids[0][2] if len(grids[0]) > 2 else 1) == groups, f"{op}: grid {grids[0]}, want {groups} groups"
+        assert [n for n, _, _ in log].count("splitk_reduce_kernel") == 1, f"{op}: {log}"
+        return out, ref
     x = (torch.randn(5, 1024, generator=g) * 2).to(torch.bfloat16)
     w, ws = quant_fp8_weight(torch.randn(64, 1024, generator=g) * 0.05)
-    with recording():
-        out, ref = _run_both("fp8_linear", x, w, ws)
+    out, ref = split_call("fp8_linear", "fp8_gemm_kernel", 1, x, w, ws)
     _assert_tol("fp8_linear", out, ref, 1024, "fp8_linear split-K")
     one, _ = _run_both("fp8_linear", x[2:3], w, ws)
     assert torch.equal(one, out[2:3]), "fp8_linear: a row differs between M=5 and M=1 (same bucket)"
     for xdt, wdt in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)):
         xf = torch.randn(3, 1024, generator=g).to(xdt)
         wf = (torch.randn(40, 1024, generator=g) * 0.05).to(wdt)
-        with recording():
-            out, ref = _run_both("linear", xf, wf)
+        out, ref = split_call("linear", "float_gemm_kernel", 1, xf, wf)
         _assert_tol("linear", out, ref, 1024, f"linear split-K {xdt}")
         xg = torch.randn(2, 3, 4, 1024, generator=g).to(xdt)
         wg = (torch.randn(4, 24, 1024, generator=g) * 0.05).to(wdt)
-        with recording():
-            out, ref = _run_both("grouped_linear", xg, wg)
+        out, ref = split_call("grouped_linear", "float_gemm_kernel", 4, xg, wg)
         _assert_tol("grouped_linear", out, ref, 1024, f"grouped_linear split-K {xdt}")
-    names = [n for n, _, _ in log]
-    assert names.count("splitk_reduce_kernel") >= 4, names
-    grids = [grid for n, grid, _ in log if n == "float_gemm_kernel"]
-    assert (grids[-1][1], grids[-1][2]) > (1, 3), f"grouped_linear: one launch with 4 groups and K splits {grids}"
 
 
 def check_fp4_to_fp8_conversion():
-    """The load-time conversion is exact: the reference gives the same bits for the FP4 weight and for its FP8
-    conversion, and the Triton FP8 GEMM on the converted weight matches within tolerance."""
-    from dsv4_portable.backends.cuda.gemm import fp4_weight_as_fp8
+    """The loader's FP4 -> FP8 conversion (weights="fp8", or "auto" below sm100) is exact: the reference gives
+    the same bits for the FP4 weight and for its FP8 conversion, and the Triton FP8 GEMM on the converted weight
+    matches within tolerance."""
     from dsv4_portable.reference import fp4_linear, fp8_linear
-    from dsv4_portable.reference.quant import quant_fp4_weight
+    from dsv4_portable.reference.quant import fp4_to_fp8_weight, quant_fp4_weight
     g = _gen(3)
     w4, s4 = quant_fp4_weight(torch.randn(256, 256, generator=g) * torch.logspace(-3, 1, 256).unsqueeze(1))
-    w8, s8 = fp4_weight_as_fp8(w4, s4)
+    w8, s8 = fp4_to_fp8_weight(w4, s4)
     x = torch.randn(5, 256, generator=g)
     assert torch.equal(fp4_linear(x, w4, s4), fp8_linear(x, w8, s8)), "FP4->FP8 conversion changed the product"
     out, ref = _run_both("fp8_linear", x, w8, s8)
@@ -508,13 +513,24 @@ def check_moe_batch_invariance():
             assert launches() == plan, f"{fmt}: tile shapes depend on T"
 
 
+def _experts_as_fp8(ew):
+    """FP4 experts converted to FP8 matrix by matrix, as the loader does with weights="fp8"."""
+    from dsv4_portable.reference.moe import ExpertWeights
+    from dsv4_portable.reference.quant import fp4_to_fp8_weight
+    conv = {}
+    for w, s in (("w1", "s1"), ("w2", "s2"), ("w3", "s3")):
+        pairs = [fp4_to_fp8_weight(getattr(ew, w)[e], getattr(ew, s)[e]) for e in range(ew.num_experts)]
+        conv[w], conv[s] = torch.stack([q for q, _ in pairs]), torch.stack([sc for _, sc in pairs])
+    return ExpertWeights("fp8", conv["w1"], conv["w2"], conv["w3"], conv["s1"], conv["s2"], conv["s3"], ew.scale_fmt)
+
+
 def check_moe_fp4_as_fp8():
-    """experts_fp4_as_fp8 is exact (same reference bits) and the FP8 path of the kernel agrees."""
-    from dsv4_portable.backends.cuda.moe import experts_fp4_as_fp8
+    """FP4 experts converted to FP8 (the loader's route on GPUs without FP4 units) give the reference's bits
+    exactly, and the FP8 path of the kernel agrees."""
     from dsv4_portable.reference import moe_experts
     g = _gen(11)
     ex4, sh4 = _experts("fp4", 3, 128, 128, None, g), _experts("fp4", 1, 128, 128, None, g)
-    ex8, sh8 = experts_fp4_as_fp8(ex4), experts_fp4_as_fp8(sh4)
+    ex8, sh8 = _experts_as_fp8(ex4), _experts_as_fp8(sh4)
     x = torch.randn(5, 128, generator=g).to(torch.float16)
     idx, w = torch.randint(0, 3, (5, 2), generator=g), torch.rand(5, 2, generator=g)
     assert torch.equal(moe_experts(x, idx, w, ex4, sh4, 10.0), moe_experts(x, idx, w, ex8, sh8, 10.0))
@@ -668,23 +684,52 @@ def test_cpu_tensors_are_declined_outside_the_interpreter():
 
 
 def test_gemm_plan_fills_the_gpu():
-    """plan_tiles on a 132-SM GPU at V4-Flash shapes: decode and serving-batch GEMMs get >= 128 programs through
-    narrower tiles and K splits; prefill GEMMs keep 128 x 128 tiles unsplit; the plan depends on M only through
-    its bucket."""
-    from dsv4_portable.backends.cuda.gemm import m_bucket, plan_tiles
+    """What the GEMM providers launch on a 132-SM GPU at V4-Flash shapes (meta tensors, launches intercepted):
+    decode and serving-batch GEMMs get >= 128 programs through narrower tiles and K splits whose ranges cover K
+    exactly, with one split reduce; prefill GEMMs keep 128 x 128 tiles unsplit; the launch depends on M only
+    through its bucket."""
+    pytest.importorskip("triton")
+    from dsv4_portable.devices import interpret_mode
+    if interpret_mode():
+        pytest.skip("the interpreter's virtual GPU has 8 SMs")
+    _load_cuda_providers()
+    from dsv4_portable import ops
+    from dsv4_portable.backends.cuda import launch as L
+    from dsv4_portable.backends.cuda.gemm import m_bucket
+    meta = dict(device="meta")
 
-    def programs(m, n, k):
-        c = plan_tiles(m, n, 132, k // 128)
-        return -(-m // c["BLOCK_M"]) * -(-n // c["BLOCK_N"]) * c["SPLIT_K"], c
+    def launched(op, x, w, *rest):
+        log = []
+        with L.intercept(lambda kern, grid, args, mt: log.append((kern.__name__, tuple(grid), args, mt))):
+            getattr(ops, op).provider("triton", "cuda").fn(x, w, *rest)
+        gemm = [(grid, args, mt) for name, grid, args, mt in log if name in ("fp8_gemm_kernel", "float_gemm_kernel")]
+        assert len(gemm) == 1, (op, [name for name, *_ in log])
+        grid, args, mt = gemm[0]
+        per = args[11] * (128 if op == "fp8_linear" else 1)      # K per split (kb_per_split / k_per_split)
+        k = x.shape[-1]
+        assert (grid[1] - 1) * per < k <= grid[1] * per, (op, grid, per, k)    # every split has some of K
+        assert mt["SPLIT"] == (grid[1] > 1)
+        assert sum(name == "splitk_reduce_kernel" for name, *_ in log) == (grid[1] > 1), (op, grid)
+        return grid, {key: v for key, v in mt.items() if key.startswith(("BLOCK", "GROUP", "num_"))}, per
+
+    def fp8(m, n, k):
+        return launched("fp8_linear", torch.empty(m, k, dtype=torch.bfloat16, **meta),
+                        torch.empty(n, k, dtype=torch.float8_e4m3fn, **meta),
+                        torch.empty(-(-n // 128), k // 128, **meta))
     for m, n, k in ((1, 512, 4096), (16, 1024, 4096), (48, 512, 4096), (128, 1024, 4096), (128, 512, 4096),
                     (256, 4096, 8192), (96, 1024, 4096)):
-        p, c = programs(m, n, k)
-        assert p >= 128, (m, n, k, c)
-    p, c = programs(4096, 4096, 4096)
-    assert (c["BLOCK_M"], c["BLOCK_N"], c["SPLIT_K"]) == (128, 128, 1), c
+        grid, cfg, _ = fp8(m, n, k)
+        assert grid[0] * grid[1] >= 128, (m, n, k, grid, cfg)
+    grid, cfg, _ = fp8(4096, 4096, 4096)
+    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], grid[1]) == (128, 128, 1), (grid, cfg)
+    # wo_a at decode: 8 groups of N = 1024 (grid axis 2), bf16 weights
+    grid, cfg, _ = launched("grouped_linear", torch.empty(1, 8, 4096, dtype=torch.bfloat16, **meta),
+                            torch.empty(8, 1024, 4096, dtype=torch.bfloat16, **meta))
+    assert grid[2] == 8 and grid[0] * grid[1] * grid[2] >= 128, (grid, cfg)
     assert [m_bucket(m) for m in (1, 16, 17, 64, 65, 128, 129, 4096)] == [16, 16, 64, 64, 128, 128, 256, 4096]
     for a, b in ((1, 16), (17, 64), (65, 128), (700, 1024)):
-        assert plan_tiles(a, 512, 132, 32) == plan_tiles(b, 512, 132, 32), (a, b)
+        (ga, ca, pa), (gb, cb, pb) = fp8(a, 512, 4096), fp8(b, 512, 4096)
+        assert (ga[1], ca, pa) == (gb[1], cb, pb), (a, b, ga, ca, gb, cb)
 
 
 def test_step_varying_ints_are_not_specialised():
@@ -761,7 +806,7 @@ def test_fp4_kernels_need_e4m3_capability(monkeypatch):
     with the reason instead of failing to compile at the first call."""
     _load_cuda_providers()
     from dsv4_portable import ops
-    from dsv4_portable.backends.cuda import gemm, moe
+    from dsv4_portable.backends.cuda import launch_helpers, moe
     from dsv4_portable.reference.moe import ExpertWeights
     from dsv4_portable.reference.quant import quant_fp4_weight
     if torch.cuda.is_available():
@@ -772,7 +817,7 @@ def test_fp4_kernels_need_e4m3_capability(monkeypatch):
     ew = ExpertWeights("fp4", *(torch.stack([w.view(torch.uint8)] * 2) for _ in range(3)),
                        *(torch.stack([ws] * 2) for _ in range(3)))
     for cap, declined in (((8, 0), True), ((8, 9), False), ((9, 0), False)):
-        monkeypatch.setattr(gemm, "capability", lambda: cap)
+        monkeypatch.setattr(launch_helpers, "capability", lambda: cap)
         monkeypatch.setattr(moe, "capability", lambda: cap)
         r = ops.fp4_linear.provider("triton", "cuda").supports(x, w, ws)
         assert any("8.9" in m for m in r) == declined, (cap, r)

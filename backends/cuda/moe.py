@@ -25,8 +25,9 @@ fixed order. Changing a block size changes bits: every rank of an EP group must 
 
 Formats: bf16 (float weights, the activation dtype's tensor cores; fp32 operands use exact-fp32 products),
 fp8 (e4m3 x e4m3 with per-128 scaled accumulation), fp4 (e2m1 unpacked in-kernel and dequantised exactly to
-bf16, bf16 MMA). On Hopper, converting FP4 experts once at load with `experts_fp4_as_fp8` gives the same
-results at FP8 MMA speed.
+bf16, bf16 MMA). On GPUs without FP4 matrix units (Hopper) the loader converts FP4 experts to FP8 once, exactly
+(weights="auto" below compute capability 10, or weights="fp8"; reference.fp4_to_fp8_weight): the dequantised
+weights are bitwise equal, so the reference gives the same bits, and the kernels run FP8 MMAs.
 """
 from __future__ import annotations
 
@@ -39,7 +40,6 @@ from dsv4_portable.reference.quant import FP8_LINEAR_BLOCK
 from dsv4_portable.registry import register
 
 from .common import capability, device_reasons, triton_availability
-from .gemm import fp4_weight_as_fp8
 from .launch import launch
 
 MOE_BLOCK_M = 64
@@ -254,19 +254,3 @@ def moe_experts_triton(x, idx, weights, experts, shared=None, swiglu_limit=0.0):
         HAS_SHARED=y_shared is not None, ACT_DT=tl_dtype(x.dtype), INTERPRET=interpret_mode(),
         BLOCK_D=COMBINE_BLOCK_D, num_warps=4)
     return out
-
-
-def experts_fp4_as_fp8(ew: ExpertWeights) -> ExpertWeights:
-    """Load-time conversion of FP4 experts to FP8 block experts with identical dequantised weights (exact;
-    raises if a 128x128 block cannot be converted, see gemm.fp4_weight_as_fp8). For GPUs without FP4 MMA
-    (Hopper): convert once after loading, keep only the result; moe_experts then runs FP8 x FP8 MMAs and
-    returns what it returns for the FP4 weights (the reference's results are bitwise equal, see the tests)."""
-    if ew.fmt != "fp4":
-        raise ValueError(f"experts_fp4_as_fp8: expected fp4 experts, got format {ew.fmt!r}")
-    conv = {}
-    for w, s in (("w1", "s1"), ("w2", "s2"), ("w3", "s3")):
-        pairs = [fp4_weight_as_fp8(getattr(ew, w)[e], getattr(ew, s)[e]) for e in range(ew.num_experts)]
-        conv[w] = torch.stack([q for q, _ in pairs])
-        conv[s] = torch.stack([sc for _, sc in pairs])
-    return ExpertWeights("fp8", conv["w1"], conv["w2"], conv["w3"], conv["s1"], conv["s2"], conv["s3"],
-                         ew.scale_fmt)

@@ -558,6 +558,11 @@ def test_bad_input_named_before_any_work():
         ep_dispatch(p.x, p.idx, p.w[:, :2], pl)
     with pytest.raises(EPInputError, match="topk_idx"):
         ep_dispatch(p.x, p.idx + E, p.w, pl)
+    from dsv4_portable.ep.moe import ep_moe_forward, local_experts
+    low = p.idx.clone()
+    low[0, 0] = -2
+    with pytest.raises(EPInputError, match=rf"values must be in \[-1, {E - 1}\], got \[-2, "):   # the public entry
+        ep_moe_forward(p.x, low, p.w, local_experts(p.experts, pl, 0), p.shared, LIMIT, pl)
     with pytest.raises(EPInputError, match="placement is for 2 ranks"):
         ep_dispatch(p.x, p.idx, p.w, ExpertPlacement.contiguous(E, 2))
     with pytest.raises(EPInputError, match="one device"):

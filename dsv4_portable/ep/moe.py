@@ -76,7 +76,7 @@ def ep_moe_forward(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.
                    shared: ExpertWeights | None, swiglu_limit: float, placement: ExpertPlacement, group=None, *,
                    wave_size: int | None = None, fp8: bool = False, mode: str = "ordered", overlap: bool = True,
                    record: list | None = None, timings: dict | None = None, provider: str | None = None,
-                   device_type: str | None = None) -> torch.Tensor:
+                   device_type: str | None = None, check_routing: bool = True) -> torch.Tensor:
     """MoE output [T, H] (x's dtype) for this rank's tokens. Every rank of the group must call it together.
 
     x: [T, H] this rank's tokens (T may be 0); topk_idx int [T, K] logical ids (-1 = none); topk_weights float32
@@ -86,9 +86,10 @@ def ep_moe_forward(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.
     the single-device MoE) or "partial" (per-rank partial sums, see dispatch.py); overlap: False waits for every
     exchange before the next step (benchmark baseline); provider: force one EP provider (providers.py), None =
     the device's preference; device_type: the device whose providers are considered (default: the active
-    backend's)."""
+    backend's); check_routing: False when the caller's topk_idx is valid by construction (the model's router,
+    EPContext), which skips the range check's host read on every layer."""
     comm = group if isinstance(group, Comm) else Comm(group)
-    check_dispatch_args(x, topk_idx, topk_weights, placement, comm.world_size)
+    check_dispatch_args(x, topk_idx, topk_weights, placement, comm.world_size, check_values=check_routing)
     if mode not in COMBINE_MODES:
         raise EPInputError(f"ep_moe_forward: mode must be one of {COMBINE_MODES}, got {mode!r}")
     if experts.num_experts != placement.experts_per_rank:

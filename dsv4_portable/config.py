@@ -184,11 +184,10 @@ _HF_FIXED = {
     "attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "first_k_dense_replace": 0, "n_group": 1,
     "topk_group": 1, "topk_method": "noaux_tc", "norm_topk_prob": True, "kv_lora_rank": None,
 }
-# max_seq_len is the size of the reference code's pre-allocated cache (4096 by default), not the model's context:
-# accepted and ignored (a cache is sized per call: Model.new_cache(batch, max_len)).
-_ARGS_FIXED = {"max_batch_size": None, "scale_dtype": None, "n_mtp_layers": None, "max_seq_len": None}
-# DeepSeek's Transformer uses one activation scale rule for the linears and the KV QAT round trip:
-# "ue8m0" when scale_dtype is fp8 (its default), else scale_fmt.
+# ModelArgs keys that size the reference code's buffers, not the model: accepted with any value and ignored.
+# max_seq_len is its pre-allocated cache (4096 by default), not the model's context (a cache is sized per call:
+# Model.new_cache(batch, max_len)).
+_ARGS_IGNORED = ("max_batch_size", "max_seq_len")
 
 
 def _parse_rope_scaling(rs, out: dict) -> None:
@@ -245,6 +244,17 @@ _COMPRESS_RATES = {"compressed_sparse_attention": 4, "heavily_compressed_attenti
 _TRANSFORMERS_KEYS = ("layer_types", "mlp_layer_types", "compress_rates", "partial_rotary_factor", "rope_parameters")
 
 
+def _rotary_dims(factor, raw: dict, key: str) -> int:
+    """rope_head_dim from a partial_rotary_factor `key`: factor x head_dim (the config's, else ModelConfig's
+    default) must be a whole number of dims."""
+    hd = raw.get("head_dim", ModelConfig.head_dim)          # the dataclass default
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (factor, hd))
+    rd = factor * hd if numbers else None
+    if rd is None or not float(rd).is_integer():             # NaN and inf are not either
+        raise ConfigError(f"config key '{key}': {factor!r} x head_dim {hd!r} is not a whole number of dims", key)
+    return int(rd)
+
+
 def _agree(out: dict, field: str, value, key: str, other: str) -> None:
     """Set out[field] = value, or check that the value another key already gave agrees."""
     if field in out and out[field] != value:
@@ -281,12 +291,8 @@ def _parse_transformers_keys(tf: dict, raw: dict, out: dict) -> None:
                               f"layers first and 'moe' after them; got {mt!r}", "mlp_layer_types")
         _agree(out, "n_hash_layers", k, "mlp_layer_types", "num_hash_layers")
     if "partial_rotary_factor" in tf:
-        f, hd = tf["partial_rotary_factor"], raw.get("head_dim", 512)
-        rd = f * hd if isinstance(f, (int, float)) else None
-        if rd is None or rd != int(rd):
-            raise ConfigError(f"config key 'partial_rotary_factor': {f!r} x head_dim {hd} is not a whole number "
-                              "of dims", "partial_rotary_factor")
-        _agree(out, "rope_head_dim", int(rd), "partial_rotary_factor", "qk_rope_head_dim")
+        _agree(out, "rope_head_dim", _rotary_dims(tf["partial_rotary_factor"], raw, "partial_rotary_factor"),
+               "partial_rotary_factor", "qk_rope_head_dim")
     rp = tf.get("rope_parameters")
     if rp is None:
         return
@@ -302,9 +308,9 @@ def _parse_transformers_keys(tf: dict, raw: dict, out: dict) -> None:
         if "rope_theta" in d:
             _agree(out, theta, d.pop("rope_theta"), f"rope_parameters.{part}.rope_theta", theta)
         if "partial_rotary_factor" in d:
-            f = d.pop("partial_rotary_factor")
-            _agree(out, "rope_head_dim", int(f * raw.get("head_dim", 512)),
-                   f"rope_parameters.{part}.partial_rotary_factor", "qk_rope_head_dim")
+            key = f"rope_parameters.{part}.partial_rotary_factor"
+            _agree(out, "rope_head_dim", _rotary_dims(d.pop("partial_rotary_factor"), raw, key), key,
+                   "qk_rope_head_dim")
     kind = main.pop("rope_type", main.pop("type", "default"))
     if kind != "default" or main:
         raise ConfigError(f"config key 'rope_parameters.main': V4's window layers use plain RoPE (rope_type "
@@ -366,6 +372,7 @@ def from_model_args(raw: dict, name: str = "custom") -> ModelConfig:
     """Parse DeepSeek's inference/config.json (ModelArgs spelling: dim, n_layers, n_heads, ...)."""
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     out: dict = {"name": name}
+    scale_dtype = "fp8"                      # ModelArgs' default
     for k, v in raw.items():
         if k in _ARGS_NAMES:
             out[_ARGS_NAMES[k]] = v
@@ -373,15 +380,18 @@ def from_model_args(raw: dict, name: str = "custom") -> ModelConfig:
             out["dtype"] = v
         elif k == "compress_ratios":
             out["compress_ratios"] = tuple(v) if isinstance(v, (list, tuple)) else v
+        elif k == "scale_dtype":
+            scale_dtype = v
         elif k in fields:
             out[k] = v
-        elif k in _ARGS_FIXED:
+        elif k in _ARGS_IGNORED:
             continue
         else:
             raise ConfigError(f"config key '{k}' is unknown (not a DeepSeek-V4 ModelArgs field)")
     if out.get("expert_dtype") is None:
         out["expert_dtype"] = "fp8" if out.get("dtype", "fp8") == "fp8" else "bf16"
-    scale_dtype = raw.get("scale_dtype", "fp8")
+    # DeepSeek's Transformer uses one activation scale rule for the linears and the KV QAT round trip: "ue8m0"
+    # when scale_dtype is fp8, else scale_fmt. Not a ModelConfig field: it decides scale_fmt.
     if scale_dtype not in ("fp8", "fp32"):
         raise ConfigError(f"config key 'scale_dtype': must be fp8 or fp32, got {scale_dtype!r}", "scale_dtype")
     if scale_dtype == "fp8":
@@ -390,8 +400,6 @@ def from_model_args(raw: dict, name: str = "custom") -> ModelConfig:
         raise ConfigError("config key 'scale_dtype': fp32 with scale_fmt null makes DeepSeek quantise activations and "
                           "the KV QAT round trip with amax/448 scales; this library's KV round trip uses ue8m0 scales "
                           "only, so the model would not be DeepSeek's (set scale_fmt: ue8m0)", "scale_dtype")
-    if "n_mtp_layers" in raw:
-        out["n_mtp_layers"] = raw["n_mtp_layers"]
     return _build(out, {v: k for k, v in _ARGS_NAMES.items()})
 
 

@@ -169,6 +169,10 @@ def test_config_resaved_by_transformers_reads_back_the_same(tmp_path):
     (lambda r: r.update(num_hash_layers=2), r"'mlp_layer_types': implies n_hash_layers = 3 but 'num_hash_layers' gives 2"),
     (lambda r: r["mlp_layer_types"].__setitem__(7, "hash_moe"), r"'mlp_layer_types'.*'hash_moe' layers first"),
     (lambda r: r.update(partial_rotary_factor=0.25), r"'partial_rotary_factor': implies rope_head_dim = 128"),
+    (lambda r: r["rope_parameters"]["compress"].update(partial_rotary_factor=0.1251),   # 64.05 dims: was cut to 64
+     r"'rope_parameters.compress.partial_rotary_factor': 0.1251 x head_dim 512 is not a whole number of dims"),
+    (lambda r: r.update(partial_rotary_factor="1/8"), r"'partial_rotary_factor': '1/8' x head_dim 512 is not a whole"),
+    (lambda r: r.update(partial_rotary_factor=float("nan")), r"'partial_rotary_factor': nan x head_dim 512"),
     (lambda r: r["rope_parameters"]["compress"].update(rope_theta=10000),
      r"'rope_parameters.compress.rope_theta': implies compress_rope_theta = 10000"),
     (lambda r: r["rope_parameters"]["compress"].update(attention_factor=1.277), "attention_factor"),

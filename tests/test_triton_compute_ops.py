@@ -806,7 +806,7 @@ def test_fp4_kernels_need_e4m3_capability(monkeypatch):
     with the reason instead of failing to compile at the first call."""
     _load_cuda_providers()
     from dsv4_portable import ops
-    from dsv4_portable.backends.cuda import launch_helpers, moe
+    from dsv4_portable.backends.cuda import launch_helpers
     from dsv4_portable.reference.moe import ExpertWeights
     from dsv4_portable.reference.quant import quant_fp4_weight
     if torch.cuda.is_available():
@@ -818,7 +818,6 @@ def test_fp4_kernels_need_e4m3_capability(monkeypatch):
                        *(torch.stack([ws] * 2) for _ in range(3)))
     for cap, declined in (((8, 0), True), ((8, 9), False), ((9, 0), False)):
         monkeypatch.setattr(launch_helpers, "capability", lambda: cap)
-        monkeypatch.setattr(moe, "capability", lambda: cap)
         r = ops.fp4_linear.provider("triton", "cuda").supports(x, w, ws)
         assert any("8.9" in m for m in r) == declined, (cap, r)
         r = ops.moe_experts.provider("triton", "cuda").supports(x, torch.zeros(2, 1, dtype=torch.long),
@@ -850,13 +849,15 @@ def test_route_plan_tiles_every_slot_once():
 
 
 def test_identity_plan_equals_route_plan():
-    """The shared expert's closed-form tile plan is exactly route_plan's for idx all 0 (one expert, K = 1)."""
+    """The shared expert's closed-form tile plan is exactly route_plan's for idx all 0 (one expert, K = 1), and
+    is built once per (T, device, block_m): a second call returns the cached tensors."""
     from dsv4_portable.backends.cuda.moe import identity_plan, route_plan
     for t, bm in ((1, 64), (63, 64), (64, 64), (65, 64), (300, 64), (9, 4)):
         want = route_plan(torch.zeros(t, 1, dtype=torch.long), 1, bm)
         got = identity_plan(t, torch.device("cpu"), bm)
         for w, g in zip(want, got):
             assert w.dtype == g.dtype == torch.int32 and torch.equal(w, g), (t, bm, w, g)
+        assert identity_plan(t, torch.device("cpu"), bm) is got
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":

@@ -31,6 +31,8 @@ weights are bitwise equal, so the reference gives the same bits, and the kernels
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from dsv4_portable import ops
@@ -39,8 +41,9 @@ from dsv4_portable.reference.moe import ExpertWeights
 from dsv4_portable.reference.quant import FP8_LINEAR_BLOCK
 from dsv4_portable.registry import register
 
-from .common import capability, device_reasons, triton_availability
+from .common import device_reasons, triton_availability
 from .launch import launch
+from .launch_helpers import cdiv, fp8_dtype_reasons
 
 MOE_BLOCK_M = 64
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) per format for gate/up (two accumulators) and down.
@@ -61,10 +64,6 @@ def _kernels():
     return moe_kernels
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def route_plan(idx: torch.Tensor, num_experts: int, block_m: int = MOE_BLOCK_M):
     """Sort the (token, slot) pairs of idx [T, K] by expert and cut each expert's run into tiles.
 
@@ -82,7 +81,7 @@ def route_plan(idx: torch.Tensor, num_experts: int, block_m: int = MOE_BLOCK_M):
     tiles = (counts + block_m - 1) // block_m
     tile_end = tiles.cumsum(0)
     seg_start = counts.cumsum(0) - counts
-    n_tiles = _cdiv(tk, block_m) + min(num_experts, tk)
+    n_tiles = cdiv(tk, block_m) + min(num_experts, tk)
     tid = torch.arange(n_tiles, device=dev)
     e = torch.searchsorted(tile_end, tid, right=True)
     ec = e.clamp(max=num_experts - 1)
@@ -93,11 +92,13 @@ def route_plan(idx: torch.Tensor, num_experts: int, block_m: int = MOE_BLOCK_M):
     return order, torch.where(used, e, -1).to(torch.int32), row0.to(torch.int32), rows.to(torch.int32)
 
 
-def identity_plan(t: int, device, block_m: int = MOE_BLOCK_M):
+@functools.lru_cache(maxsize=64)
+def identity_plan(t: int, device: torch.device, block_m: int = MOE_BLOCK_M):
     """route_plan's result for one expert that every token uses once (the shared expert: idx all 0, K = 1),
-    in closed form: slots in order, full tiles of block_m rows, one unused tile. A handful of device ops instead
-    of route_plan's sort and scans on every call."""
-    used_tiles = _cdiv(t, block_m)
+    in closed form: slots in order, full tiles of block_m rows, one unused tile. It depends on (t, device,
+    block_m) only, so it is built once per token count and cached; the tensors are read-only (the kernels only
+    read a plan)."""
+    used_tiles = cdiv(t, block_m)
     tid = torch.arange(used_tiles + min(1, t), dtype=torch.int32, device=device)
     used = tid < used_tiles
     zero = torch.zeros((), dtype=torch.int32, device=device)
@@ -123,10 +124,8 @@ def _weight_reasons(ew: ExpertWeights, name: str) -> list[str]:
             reasons.append(f"{name}: s1 and s3 must share a dtype (one gate/up launch)")
         if ew.scale_fmt not in ("ue8m0", None):
             reasons.append(f"{name}: scale_fmt {ew.scale_fmt!r} not supported")
-        if not interpret_mode() and torch.cuda.is_available() and capability() < (8, 9):
-            # fp8: fp8 tl.dot; fp4: the kernels load e4m3 activations (Triton's fp8e4nv type needs sm89+)
-            reasons.append(f"{name}: {ew.fmt} experts need compute capability >= 8.9 (e4m3 activations), this GPU "
-                           f"is {capability()[0]}.{capability()[1]}")
+        # fp8: fp8 tl.dot; fp4: the kernels load e4m3 activations (Triton's fp8e4nv type needs sm89+)
+        reasons += [f"{name}: {ew.fmt} experts (e4m3 activations): {r}" for r in fp8_dtype_reasons()]
     for f in ("w1", "w2", "w3", "s1", "s2", "s3"):
         t = getattr(ew, f)
         if t is not None and not t.is_contiguous():
@@ -170,13 +169,14 @@ def _scales(t: torch.Tensor | None, like: torch.Tensor):
     return t, False
 
 
-def _expert_pass(x, xq, xs, idx, route_w, ew: ExpertWeights, swiglu_limit: float,
+def _expert_pass(x, xq, xs, plan, k: int, route_w, ew: ExpertWeights, swiglu_limit: float,
                  down_cfg: dict = DOWN_CFG) -> torch.Tensor:
-    """Run one ExpertWeights over the (token, slot) pairs of idx; returns y [T*K, D] per slot (act dtype)."""
+    """Run one ExpertWeights over the T*K (token, slot) pairs of a tile plan (route_plan's or identity_plan's;
+    slot = token * k + j); returns y [T*K, D] per slot (act dtype). route_w [T, K] fp32, or None (weight 1)."""
     from .tl_helpers import dot_precision, tl_dtype
     kern = _kernels()
-    t, k = idx.shape
-    tk, d, inter, e_count = t * k, ew.hidden, ew.inter, ew.num_experts
+    order, tile_expert, tile_row0, tile_rows = plan
+    tk, d, inter = order.numel(), ew.hidden, ew.inter
     fmt, fmt_id = ew.fmt, _FMT_ID[ew.fmt]
     quant = fmt != "bf16"
     interp = interpret_mode()
@@ -185,10 +185,6 @@ def _expert_pass(x, xq, xs, idx, route_w, ew: ExpertWeights, swiglu_limit: float
     prec = dot_precision(dot_dt)
     if tk == 0:
         return torch.empty(0, d, dtype=x.dtype, device=x.device)
-    if route_w is None and k == 1 and e_count == 1:      # the shared expert: every token, once
-        order, tile_expert, tile_row0, tile_rows = identity_plan(t, x.device, MOE_BLOCK_M)
-    else:
-        order, tile_expert, tile_row0, tile_rows = route_plan(idx, e_count, MOE_BLOCK_M)
     n_tiles = tile_expert.numel()
     a, a_s = (xq, xs) if quant else (x, x)
     if quant:
@@ -204,7 +200,7 @@ def _expert_pass(x, xq, xs, idx, route_w, ew: ExpertWeights, swiglu_limit: float
     s3, _ = _scales(ew.s3, w1)
     s2, e8m0_2 = _scales(ew.s2, w2)
     block_n, block_k, warps, stages = GATE_UP_CFG[fmt]
-    launch(kern.moe_gate_up_kernel, (n_tiles, _cdiv(inter, block_n)),
+    launch(kern.moe_gate_up_kernel, (n_tiles, cdiv(inter, block_n)),
         a, a_s, w1, w3, s1, s3, order, tile_expert, tile_row0, tile_rows,
         route_w if route_w is not None else a_s, h, hs, k, d, inter, float(swiglu_limit),
         a.stride(0), w1.stride(0), w1.stride(1), s1.stride(0) if quant else 0, s1.stride(1) if quant else 0,
@@ -214,7 +210,7 @@ def _expert_pass(x, xq, xs, idx, route_w, ew: ExpertWeights, swiglu_limit: float
         BLOCK_M=MOE_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     y = torch.empty(tk, d, dtype=x.dtype, device=x.device)
     block_n, block_k, warps, stages = down_cfg[fmt]
-    launch(kern.moe_down_kernel, (n_tiles, _cdiv(d, block_n)),
+    launch(kern.moe_down_kernel, (n_tiles, cdiv(d, block_n)),
         h, hs, w2, s2, order, tile_expert, tile_row0, tile_rows, y, inter, d,
         h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0) if quant else 0, s2.stride(1) if quant else 0,
         y.stride(0),
@@ -244,12 +240,13 @@ def moe_experts_triton(x, idx, weights, experts, shared=None, swiglu_limit=0.0):
         return x_quantised[ew.scale_fmt]
 
     idx = idx.contiguous()
-    y = _expert_pass(x, *inputs(experts), idx, weights.contiguous().float(), experts, swiglu_limit)
+    y = _expert_pass(x, *inputs(experts), route_plan(idx, experts.num_experts, MOE_BLOCK_M), k,
+                     weights.contiguous().float(), experts, swiglu_limit)
     y_shared = None
-    if shared is not None:
-        all_tokens = torch.zeros(t, 1, dtype=torch.int32, device=x.device)
-        y_shared = _expert_pass(x, *inputs(shared), all_tokens, None, shared, swiglu_limit, SHARED_DOWN_CFG)
-    launch(_kernels().moe_combine_kernel, (t, _cdiv(d, COMBINE_BLOCK_D)),
+    if shared is not None:      # the shared expert: every token once, no routing weight
+        y_shared = _expert_pass(x, *inputs(shared), identity_plan(t, x.device, MOE_BLOCK_M), 1, None, shared,
+                                swiglu_limit, SHARED_DOWN_CFG)
+    launch(_kernels().moe_combine_kernel, (t, cdiv(d, COMBINE_BLOCK_D)),
         y, y_shared if y_shared is not None else y, idx, out, d, k, experts.num_experts,
         HAS_SHARED=y_shared is not None, ACT_DT=tl_dtype(x.dtype), INTERPRET=interpret_mode(),
         BLOCK_D=COMBINE_BLOCK_D, num_warps=4)

@@ -344,6 +344,24 @@ def test_keep_expert_never_reads_dropped_experts_and_shards_like_ep(ckpt, model3
         part.forward(ids(5))
 
 
+@pytest.mark.parametrize("weights", ["native", "bf16", "fp8", "int8"])
+def test_a_layer_whose_experts_are_all_dropped_gets_an_empty_stack_shaped_as_prepared(ckpt, weights, monkeypatch):
+    full = dsv4.load_model(ckpt, dtype="fp32", weights=weights, quiet=True)
+    log = ReadLog(monkeypatch)
+    part = dsv4.load_model(ckpt, dtype="fp32", weights=weights, quiet=True, keep_expert=lambda layer, e: layer != 1)
+    assert not any(n.startswith("layers.1.ffn.experts.") for n in log.names)
+    got, want = part.net.layers[1].ffn.experts, full.net.layers[1].ffn.experts
+    assert got.num_experts == 0 and got.ids == () and got.fmt == want.fmt
+    for f in ("w1", "w2", "w3", "s1", "s2", "s3"):
+        g, w = getattr(got, f), getattr(want, f)
+        assert (g is None) == (w is None), f
+        if g is not None:
+            assert g.shape[1:] == w.shape[1:] and g.dtype == w.dtype and g.device == w.device, f
+    got.check()
+    kept, whole = part.net.layers[0].ffn.experts, full.net.layers[0].ffn.experts
+    assert kept.ids is None and all(torch.equal(getattr(kept, f), getattr(whole, f)) for f in ("w1", "w2", "w3"))
+
+
 def test_index_weight_map_is_checked_against_the_headers(ckpt, tmp_path):
     import shutil
     bad = tmp_path / "index"

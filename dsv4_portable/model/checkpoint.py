@@ -162,8 +162,8 @@ def _weight_map(ckpt: pathlib.Path) -> dict[str, str] | None:
     return weight_map
 
 
-def checkpoint_files(ckpt: pathlib.Path) -> list[pathlib.Path]:
-    weight_map = _weight_map(ckpt)
+def checkpoint_files(ckpt: pathlib.Path, weight_map: dict[str, str] | None = None) -> list[pathlib.Path]:
+    """The shard files: those index.json lists (weight_map, as _weight_map parsed it), else every *.safetensors."""
     if weight_map is not None:
         files = sorted({ckpt / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.exists()]
@@ -180,13 +180,13 @@ def scan(ckpt: pathlib.Path) -> tuple[dict[str, TensorInfo], list[str]]:
     """Every shard's header: (tensors by name, problems). Problems are index.json entries that disagree with the
     headers (a tensor mapped to a shard that does not hold it, a tensor that the index does not list)."""
     tensors: dict[str, TensorInfo] = {}
-    for f in checkpoint_files(ckpt):
+    weight_map = _weight_map(ckpt)                     # read and parsed once: it names the shards and is checked
+    for f in checkpoint_files(ckpt, weight_map):
         for name, info in read_header(f).items():
             if name in tensors:
                 raise CheckpointError(f"tensor '{name}' appears in both {tensors[name].file.name} and {f.name}")
             tensors[name] = info
     problems = []
-    weight_map = _weight_map(ckpt)
     if weight_map is not None:
         for name, fname in sorted(weight_map.items()):
             info = tensors.get(name)
@@ -334,8 +334,9 @@ def load_params(ckpt: pathlib.Path, cfg: ModelConfig, dtype: torch.dtype, device
     file, index.json agreeing with the headers), then the hash layers' `ffn.gate.tid2eid` tables are read and
     their values checked to lie in [0, n_routed_experts); every problem found is reported at once in one
     CheckpointError and nothing else has been read or allocated. Then each tensor is read, prepared for the
-    weight mode and moved to `device` right away (routed experts are copied into stacks preallocated on the
-    device), so host memory holds little beyond one tensor in flight besides what is already prepared.
+    weight mode and moved to `device` right away (routed experts are copied into per-layer stacks on the device,
+    each allocated once, shaped by the first expert prepared for it), so host memory holds little beyond one
+    tensor in flight besides what is already prepared.
 
     keep_expert(layer, expert) -> bool: which routed experts to load (layer counts MTP blocks after the main
     layers, as the model does: MTP block m is layer cfg.n_layers + m). A routed expert it rejects is never read.
@@ -361,16 +362,13 @@ def load_params(ckpt: pathlib.Path, cfg: ModelConfig, dtype: torch.dtype, device
         stack = _expert_of(cfg, name)
         if stack is not None:
             key, layer, eid = stack
+            ids = kept.setdefault(key, [])                      # also for a layer whose every expert is dropped
             if keep_expert is not None and not keep_expert(layer, eid):
                 skipped += name.endswith(".w1")
                 continue
             if name.endswith(".w1"):
-                kept.setdefault(key, []).append(eid)
+                ids.append(eid)
         want.update({k: name for k in keys if k in found})
-    for name in specs:                                          # layers whose every expert was dropped
-        stack = _expert_of(cfg, name)
-        if stack is not None:
-            kept.setdefault(stack[0], [])
 
     files = sorted({found[k].file for k in want})
     progress = LoadProgress(sum(found[k].nbytes for k in want), len(files), quiet)
@@ -389,7 +387,7 @@ def load_params(ckpt: pathlib.Path, cfg: ModelConfig, dtype: torch.dtype, device
             del want[name]
     _raise_problems(problems)
 
-    stacks = {key: _ExpertStack(cfg, key, ids, formats, found, weights, dtype, device) for key, ids in kept.items()}
+    stacks = {key: _ExpertStack(key, ids, cfg.n_routed_experts, cfg.scale_fmt, device) for key, ids in kept.items()}
     pending: dict[str, dict[str, torch.Tensor]] = {}            # a linear whose .weight or .scale is still to come
     for n_file, f in enumerate(files, 1):
         with safe_open(f, framework="pt") as fh:
@@ -408,6 +406,9 @@ def load_params(ckpt: pathlib.Path, cfg: ModelConfig, dtype: torch.dtype, device
                 _place(cfg, name, spec, parts, formats, weights, dtype, device, out, stacks)
         progress.shard_done(n_file, f.name)
     for key, stack in stacks.items():
+        if not stack.ids:                                       # every expert dropped: shaped as if prepared
+            for which, weight in _prepared_from_header(cfg, key, formats, found, weights, dtype).items():
+                stack.allocate(which, weight)
         out[key] = stack.weights()
     for name in specs:                                          # shared experts: one-expert stacks
         if name.endswith(".ffn.shared_experts.w1"):
@@ -454,38 +455,42 @@ def _place(cfg, name, spec, parts, formats, weights, dtype, device, out, stacks)
         out[name] = t.to(device=device, dtype=torch.float32)
 
 
-def _prepared_layout(fmt: str, mode: str, dtype, shape, stored: str):
-    """(format, weight shape, weight dtype, scale shape or None) of a prepared expert weight: what
-    `_prepare_linear` returns for it, known from the header alone (so the stacks can be allocated up front)."""
-    n, k = shape
-    if fmt == "bf16" or mode == "bf16":
-        return "bf16", (n, k), dtype, None
-    if fmt == "fp4" and mode == "fp8":
-        return "fp8", (n, k), torch.float8_e4m3fn, (n // 128, k // 128)
-    if fmt == "fp8":
-        return "fp8", (n, k), torch.float8_e4m3fn, (-(-n // 128), -(-k // 128))
-    return "fp4", (n, k // 2), ST_DTYPES[stored], (n, k // 32)
+def _prepared_from_header(cfg, key, formats, found, weights, dtype) -> dict[str, Weight]:
+    """What `_prepare_linear` makes of w1/w3/w2 of the experts of stack `key`, run on zero weights (unit scales)
+    of the shapes and dtypes the headers give for expert 0: the layout of a stack none of whose experts is read."""
+    out = {}
+    for w in ("w1", "w3", "w2"):
+        name = f"{key}.0.{w}"
+        wi, si = found[name + ".weight"], found.get(name + ".scale")
+        zero = torch.zeros(wi.shape, dtype=ST_DTYPES[wi.dtype])
+        unit = None if si is None else torch.ones(si.shape).to(ST_DTYPES[si.dtype])
+        out[w] = _prepare_linear(zero, unit, formats[name], _mode_for(name, weights), dtype, False, cfg.scale_fmt)
+    return out
 
 
 class _ExpertStack:
-    """The routed experts of one MoE layer, stacked in tensors allocated on the device before any is read."""
+    """The routed experts of one MoE layer, stacked on the device. Each of w1/w2/w3 (and its scales) is allocated
+    there once, shaped by the first prepared expert weight that arrives, and every expert is copied into it."""
 
-    def __init__(self, cfg, key, ids, formats, found, weights, dtype, device):
-        self.key, self.ids, self.scale_fmt, self.n_experts = key, ids, cfg.scale_fmt, cfg.n_routed_experts
+    def __init__(self, key: str, ids: list[int], n_experts: int, scale_fmt, device):
+        self.key, self.ids, self.n_experts, self.scale_fmt, self.device = key, ids, n_experts, scale_fmt, device
         self.pos = {e: j for j, e in enumerate(ids)}
         self.t: dict[str, torch.Tensor | None] = {}
-        self.fmt = "bf16"
-        mode = _mode_for(key + ".0", weights)
-        i, d = cfg.moe_inter_dim, cfg.dim
-        for w, shape in (("w1", (i, d)), ("w3", (i, d)), ("w2", (d, i))):
-            first = f"{key}.{ids[0] if ids else 0}.{w}"
-            self.fmt, wshape, wdtype, sshape = _prepared_layout(formats[first], mode, dtype, shape,
-                                                                found[first + ".weight"].dtype)
-            self.t[w] = torch.empty((len(ids), *wshape), dtype=wdtype, device=device)
-            self.t["s" + w[1]] = None if sshape is None else torch.empty((len(ids), *sshape), device=device)
+        self.fmt: str | None = None
         self.filled = 0
 
+    def allocate(self, which: str, weight: Weight) -> None:
+        """The stack of weight `which` (w1/w2/w3) and its scales, for experts prepared like `weight`."""
+        if self.fmt not in (None, weight.fmt):    # validate() refuses a layer whose experts mix formats
+            raise CheckpointError(f"{self.key}: prepared expert weights mix formats {self.fmt} and {weight.fmt}")
+        self.fmt, n = weight.fmt, len(self.ids)
+        self.t[which] = torch.empty((n, *weight.w.shape), dtype=weight.w.dtype, device=self.device)
+        self.t["s" + which[1]] = None if weight.scale is None else \
+            torch.empty((n, *weight.scale.shape), dtype=weight.scale.dtype, device=self.device)
+
     def put(self, eid: int, which: str, weight: Weight) -> None:
+        if which not in self.t:
+            self.allocate(which, weight)
         j = self.pos[eid]
         self.t[which][j].copy_(weight.w)
         if weight.scale is not None:
@@ -493,7 +498,7 @@ class _ExpertStack:
         self.filled += 1
 
     def weights(self) -> ExpertWeights:
-        if self.filled != 3 * len(self.ids):      # every kept expert's w1, w2, w3 was in the files (checked above)
+        if self.filled != 3 * len(self.ids) or len(self.t) != 6:   # every kept expert's w1, w2, w3 was read
             raise CheckpointError(f"{self.key}: {self.filled} of {3 * len(self.ids)} expert weights were read")
         t = self.t
         whole = len(self.ids) == self.n_experts      # ids are sorted and unique, so this is 0..E-1

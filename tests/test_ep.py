@@ -479,6 +479,22 @@ def test_deepep_is_declined_with_an_honest_reason():
     assert any("no DeepEP adapter is written" in r for r in providers.PROVIDERS["deepep"].supports(_call()))
 
 
+def test_pack_checks_its_fields():
+    from dsv4_portable.ep.transport import Field, pack, unpack
+    fields = [Field("x", torch.bfloat16, (4,)), Field("src", torch.int64, ())]
+    x, src = torch.randn(3, 4).bfloat16(), torch.arange(3)
+    got = unpack(fields, pack(fields, [x, src], "cpu"))
+    assert torch.equal(got["x"], x) and torch.equal(got["src"], src)
+    for bad, match in (([x.float(), src], "field 'x' is torch.bfloat16"), ([x, src[:2]], "row counts differ"),
+                       ([x], "1 tensors for 2 fields")):
+        with pytest.raises(ValueError, match=match):
+            pack(fields, bad, "cpu")
+    # no rows, and rows 20 bytes wide: the int64 field's row stride is not a multiple of 8 (a rank receiving none)
+    fields.append(Field("w", torch.float32, ()))
+    empty = unpack(fields, pack(fields, [x[:0], src[:0], torch.zeros(0)], "cpu"))
+    assert [tuple(v.shape) for v in empty.values()] == [(0, 4), (0,), (0,)] and empty["src"].dtype == torch.int64
+
+
 def test_fill_masked_slots_gives_distinct_valid_ids():
     from dsv4_portable.ep.mc2 import fill_masked_slots
     ids = torch.tensor([[3, -1, 0, -1], [-1, -1, -1, -1], [1, 2, 3, 4], [-1, 0, 1, 2]])

@@ -43,7 +43,9 @@ def to_bytes(t: torch.Tensor) -> torch.Tensor:
 def from_bytes(b: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of to_bytes: uint8 [N, nbytes] -> dtype [N, *shape]."""
     item = dtype.itemsize
-    if not b.is_contiguous() or b.storage_offset() % item or (b.shape[0] > 0 and b.stride(0) % item):
+    if b.shape[0] == 0:       # no rows: nothing to view (a row stride not divisible by item would refuse .view)
+        return torch.empty(0, *shape, dtype=dtype, device=b.device)
+    if not b.is_contiguous() or b.storage_offset() % item or b.stride(0) % item:
         # a field at an unaligned offset of a packed row: give it its own dense storage (not .clone(), which keeps
         # the strides of a one-row slice)
         b = torch.empty(b.shape, dtype=torch.uint8, device=b.device).copy_(b)
@@ -65,7 +67,17 @@ class Field:
 
 
 def pack(fields: list[Field], tensors: list[torch.Tensor], device) -> torch.Tensor:
-    """Rows of several tensors -> one uint8 [N, sum(nbytes)] buffer (one all_to_all instead of many)."""
+    """Rows of several tensors -> one uint8 [N, sum(nbytes)] buffer (one all_to_all instead of many). Tensor i
+    must be fields[i] (its dtype and per-row shape) and all must have the same N, so that unpack(fields, ...)
+    gives them back; a mismatch is a ValueError here instead of garbage on the receiving rank."""
+    if len(fields) != len(tensors):
+        raise ValueError(f"pack: {len(tensors)} tensors for {len(fields)} fields")
+    for f, t in zip(fields, tensors):
+        if t.dtype != f.dtype or tuple(t.shape[1:]) != f.shape:
+            raise ValueError(f"pack: field {f.name!r} is {f.dtype} {list(f.shape)} per row, got {t.dtype} "
+                             f"{list(t.shape[1:])}")
+    if len({t.shape[0] for t in tensors}) > 1:
+        raise ValueError(f"pack: row counts differ: {[t.shape[0] for t in tensors]}")
     if not tensors:
         return torch.empty(0, 0, dtype=torch.uint8, device=device)
     return torch.cat([to_bytes(t) for t in tensors], dim=1)

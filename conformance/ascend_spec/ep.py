@@ -1,6 +1,7 @@
 """Spec of the MC2 expert-parallel ops npu_moe_distribute_dispatch_v2 / npu_moe_distribute_combine_v2, executable on
-CPU: the documented semantics with a REAL exchange (dist.all_to_all_single over the process group that `group_ep`
-names; gloo on CPU), after the documented argument contract is checked.
+CPU: the documented semantics with a REAL exchange (the reference EP's transport, dsv4_portable.ep.transport, over
+the process group that `group_ep` names: gloo on CPU, packed rows, every wait bounded by the group's timeout),
+after the documented argument contract is checked.
 
 Sources: the per-SoC rules of hicann/ops-transformer mc2/moe_distribute_dispatch_v2/README.md (the newest read;
 also research/ascend.md 3.10): A2 'fullmesh' EP {2..8, 16, 32, 64, 128, 192, 256, 384}, 'hierarchy' {16, 32, 64},
@@ -29,6 +30,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from dsv4_portable.ep.transport import Comm, Field, pack, unpack
+
 from .contract import (SpecNotModelledError, check_in, check_int, check_tensor, empty_float, need, require_soc,
                        spec_op)
 
@@ -42,6 +45,7 @@ A3_COMM_ALGS = ("", "fullmesh_v1", "fullmesh_v2", "hierarchy")
 ASSIST_WIDTH = 128                      # assist_info_for_combine has A * 128 int32 entries
 
 _GROUPS: dict[str, object] = {}
+_COMMS: dict[str, Comm] = {}            # one EP transport per named group (its exchanges wait at most its timeout)
 
 
 def comm_name(group=None) -> str:
@@ -55,12 +59,16 @@ def comm_name(group=None) -> str:
     return name
 
 
-def _group(op: str, name) -> object:
+def _group(op: str, name) -> Comm:
+    """The exchanges of the group `group_ep` names: dsv4_portable.ep.transport's Comm over it, so the simulated
+    MC2 exchange waits at most the group's timeout, as the reference EP's exchanges do."""
     need(isinstance(name, str) and 1 <= len(name) < 128, op, "group_ep", f"is {name!r}",
          "the EP communicator name, a string of 1..127 characters", SRC)
     need(name in _GROUPS, op, "group_ep", f"is {name!r}, which names no communicator",
          "the name from get_hccl_comm_name (under the spec: comm_name(group))", SRC)
-    return _GROUPS[name]
+    if name not in _COMMS:
+        _COMMS[name] = Comm(_GROUPS[name])
+    return _COMMS[name]
 
 
 # ----------------------------------------------------------------------------------------------- contract
@@ -138,11 +146,9 @@ def _check_token_mask(op, mask, bs, k, allow_2d: bool):
              "true entries before false ones (e.g. [true, false, true] is invalid)", SRC)
 
 
-def _agree_on_bs(op, group, bs, ep_world_size, global_bs, all_active: bool) -> int:
-    """Every rank's BS (one all_gather): the documented global_bs rule. Returns the effective global BS."""
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(ep_world_size)]
-    dist.all_gather(sizes, torch.tensor([bs]), group=group)
-    sizes = [int(s) for s in sizes]
+def _agree_on_bs(op, comm: Comm, bs, ep_world_size, global_bs, all_active: bool) -> int:
+    """Every rank's BS (one small exchange): the documented global_bs rule. Returns the effective global BS."""
+    sizes = comm.exchange_counts(torch.full((ep_world_size, 1), bs, dtype=torch.int64), f"{op}: BS")[:, 0].tolist()
     max_bs = max(sizes)
     if len(set(sizes)) > 1:
         need(global_bs == max_bs * ep_world_size, op, "global_bs", f"is {global_bs} with BS {sizes} across ranks",
@@ -161,17 +167,15 @@ def _not_modelled(op, **args):
             raise SpecNotModelledError(op, f"{name}={value!r}")
 
 
-def _exchange(group, ep_world_size, send_counts: list[int], *tensors: torch.Tensor) -> list[torch.Tensor]:
-    """all_to_all_single of each tensor with the same row counts (gloo: bf16 / int64 / fp32 are all carried)."""
-    counts = torch.tensor(send_counts, dtype=torch.int64)
-    recv_counts = torch.empty_like(counts)
-    dist.all_to_all_single(recv_counts, counts, group=group)
-    out = []
-    for t in tensors:
-        recv = torch.empty(int(recv_counts.sum()), *t.shape[1:], dtype=t.dtype)
-        dist.all_to_all_single(recv, t.contiguous(), recv_counts.tolist(), send_counts, group=group)
-        out.append(recv)
-    return out
+def _exchange(comm: Comm, what: str, send_counts: list[int], *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Rows of tensors (one row count; send_counts[r] of them, in order, to rank r) to their ranks: a counts
+    exchange, then the rows packed side by side in one exchange (ep.transport)."""
+    recv_counts = comm.exchange_counts(torch.tensor(send_counts, dtype=torch.int64).view(-1, 1),
+                                       f"{what} counts")[:, 0].tolist()
+    fields = [Field(str(i), t.dtype, tuple(t.shape[1:])) for i, t in enumerate(tensors)]
+    got = unpack(fields, comm.all_to_all(pack(fields, list(tensors), tensors[0].device), send_counts, recv_counts,
+                                         what))
+    return [got[f.name] for f in fields]
 
 
 # ----------------------------------------------------------------------------------------------- dispatch
@@ -232,12 +236,12 @@ def npu_moe_distribute_dispatch_v2(x, expert_ids, group_ep, ep_world_size, ep_ra
     if x_active_mask is not None:
         _check_token_mask(op, x_active_mask, bs, k, allow_2d=soc == "A3")
         active = x_active_mask.unsqueeze(1).expand(bs, k) if x_active_mask.dim() == 1 else x_active_mask.clone()
-    group = _group(op, group_ep)
-    need(dist.get_world_size(group) == ep_world_size, op, "ep_world_size",
-         f"is {ep_world_size}, the group has {dist.get_world_size(group)} ranks", "the size of group_ep", SRC)
-    need(dist.get_rank(group) == ep_rank_id, op, "ep_rank_id", f"is {ep_rank_id} on rank {dist.get_rank(group)}",
+    comm = _group(op, group_ep)
+    need(comm.world_size == ep_world_size, op, "ep_world_size",
+         f"is {ep_world_size}, the group has {comm.world_size} ranks", "the size of group_ep", SRC)
+    need(comm.rank == ep_rank_id, op, "ep_rank_id", f"is {ep_rank_id} on rank {comm.rank}",
          "this rank's id in group_ep", SRC)
-    gbs = _agree_on_bs(op, group, bs, ep_world_size, global_bs, bool(active.all()))
+    gbs = _agree_on_bs(op, comm, bs, ep_world_size, global_bs, bool(active.all()))
     a_rows = gbs * min(local_e, k)
 
     ids = expert_ids.long()
@@ -248,7 +252,7 @@ def npu_moe_distribute_dispatch_v2(x, expert_ids, group_ep, ep_world_size, ep_ra
     weights = expert_scales[tok, slot] if expert_scales is not None else torch.zeros(tok.shape[0])
     meta = torch.stack([torch.full_like(tok, ep_rank_id), tok, slot, expert], 1)
     send_counts = torch.bincount(dst, minlength=ep_world_size).tolist()
-    rows, meta, weights = _exchange(group, ep_world_size, send_counts, x[tok], meta, weights.float())
+    rows, meta, weights = _exchange(comm, op, send_counts, x[tok], meta, weights.float())
     by_expert = torch.argsort(meta[:, 3], stable=True)          # stable: source rank, then token, within an expert
     rows, meta, weights = rows[by_expert], meta[by_expert], weights[by_expert]
     n = rows.shape[0]
@@ -336,11 +340,11 @@ def npu_moe_distribute_combine_v2(expand_x, expert_ids, assist_info_for_combine,
             need(shared_expert_x.numel() == bs * h and shared_expert_x.shape[-1] == h, op, "shared_expert_x",
                  f"has shape {list(shared_expert_x.shape)}", f"[BS={bs}, H={h}] (or 3-D with the same elements)",
                  SRC)
-    group = _group(op, group_ep)
-    need(dist.get_world_size(group) == ep_world_size and dist.get_rank(group) == ep_rank_id, op, "ep_rank_id",
-         f"is {ep_rank_id} of {ep_world_size} on rank {dist.get_rank(group)} of {dist.get_world_size(group)}",
+    comm = _group(op, group_ep)
+    need(comm.world_size == ep_world_size and comm.rank == ep_rank_id, op, "ep_rank_id",
+         f"is {ep_rank_id} of {ep_world_size} on rank {comm.rank} of {comm.world_size}",
          "this rank's id in group_ep, whose size is ep_world_size", SRC)
-    gbs = _agree_on_bs(op, group, bs, ep_world_size, global_bs, True)
+    gbs = _agree_on_bs(op, comm, bs, ep_world_size, global_bs, True)
     need(a_rows >= gbs * min(local_e, k), op, "expand_x", f"has A={a_rows} rows",
          f"A >= global_bs * min(local_expert_num, K) = {gbs * min(local_e, k)}", SRC)
 
@@ -348,7 +352,7 @@ def npu_moe_distribute_combine_v2(expand_x, expert_ids, assist_info_for_combine,
     meta = assist_info_for_combine.view(a_rows, ASSIST_WIDTH)[:n, :3].long()
     order = torch.argsort(meta[:, 0], stable=True)              # back to the source ranks, rank after rank
     send_counts = torch.bincount(meta[:, 0], minlength=ep_world_size).tolist()
-    rows, where = _exchange(group, ep_world_size, send_counts, expand_x[:n][order], meta[order][:, 1:])
+    rows, where = _exchange(comm, op, send_counts, expand_x[:n][order], meta[order][:, 1:])
     per_slot = torch.zeros(bs, k, h, dtype=torch.float32)
     present = torch.zeros(bs, k, dtype=torch.bool)
     per_slot[where[:, 0], where[:, 1]] = rows.float()

@@ -664,6 +664,38 @@ def test_compressor_grid_fits_a_1m_token_prompt():
     assert ("compress_entry_kernel", (s // 4, 1)) in grids, grids
 
 
+def test_compressor_projection_plan_does_not_depend_on_the_batch():
+    """The compressor's fp32 projections (gemm.linear_f32_fixed) launch with the same tiles, K split and exact
+    fp32 products whatever the row count, so every row is reduced in the same order: the batch invariance the
+    provider claims, which the interpreter's numpy products cannot show. Meta tensors (V4-Flash CSA widths):
+    the provider plans its launches, nothing runs."""
+    pytest.importorskip("triton")
+    import dsv4_portable as dsv4
+    from dsv4_portable import ops
+    from dsv4_portable.backends.cuda.launch import intercept
+    from dsv4_portable.devices import interpret_mode
+    if interpret_mode():
+        pytest.skip("interpreted kernels have no argument names to read")
+    dsv4.BACKENDS["cuda"].load_providers()
+    e = lambda *shape: torch.empty(*shape, dtype=torch.float32, device="meta")  # noqa: E731
+
+    def projections(b, s):
+        log = []
+        with intercept(lambda kernel, grid, args, meta: log.append((kernel.__name__, tuple(grid),
+                                                                     dict(zip(kernel.arg_names, args)), meta))):
+            ops.compressor.provider("triton", "cuda").fn(
+                e(b, s, 4096).to(torch.bfloat16), e(1024, 4096), e(1024, 4096), e(4, 1024), e(512), e(65536, 32),
+                e(65536, 32), e(b, 8, 1024), e(b, 8, 1024), 0 if s > 1 else 4095, 4, False, True)
+        gemms = [(grid[1:], args["k_per_split"], meta) for name, grid, args, meta in log
+                 if name == "float_gemm_kernel"]
+        assert len(gemms) == 2, [name for name, *_ in log]     # kv and score
+        return gemms
+    decode = projections(1, 1)
+    assert all(meta["BLOCK_M"] == 16 and meta["PRECISION"] == "ieee" for _, _, meta in decode), decode
+    for b, s in ((64, 1), (3, 100), (1, 4096)):
+        assert projections(b, s) == decode, (b, s)
+
+
 def test_launch_runs_on_the_tensors_device(monkeypatch):
     """Tensors on cuda:1 while cuda:0 is current: the launch happens inside torch.cuda.device(cuda:1). (No second
     GPU here: the device lookup and torch.cuda's device switch are stand-ins that record what happens.)"""

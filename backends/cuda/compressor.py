@@ -1,24 +1,26 @@
 """Triton provider of the fused compressor step (kernels and layout in compressor_kernels.py).
 
-Host side: the fp32 projections kv = x @ wkv^T and score = x @ wgate^T stay torch matmuls (cuBLAS fp32; the
-provider declines when torch would run them in TF32), then one kernel builds the completed entries (softmax
-pooling with the ratio-4 overlap, RMSNorm, RoPE at the window start, FP8 or Hadamard + FP4 QAT) and one kernel
-updates kv_state / score_state in place, exactly as reference/compression.py leaves them. The number of new
-entries follows from start_pos and S (Python ints): no host syncs. Differences from the reference are those of
-fp32 arithmetic order (matmul, online softmax), which the op's tolerance covers.
+Host side: the fp32 projections kv = x @ wkv^T and score = x @ wgate^T run through the Triton float GEMM with
+one launch plan for every row count (gemm.linear_f32_fixed: 16-row tiles, the K split chosen from N and K only,
+exact fp32 products), so a row's projection, and with it a sequence's entries and decode state, does not depend
+on the batch: the provider claims batch invariance on its own kernels, not on cuBLAS. Then one kernel builds
+the completed entries (softmax pooling with the ratio-4 overlap, RMSNorm, RoPE at the window start, FP8 or
+Hadamard + FP4 QAT) and one kernel updates kv_state / score_state in place, exactly as reference/compression.py
+leaves them. The number of new entries follows from start_pos and S (Python ints): no host syncs. Differences
+from the reference are those of fp32 arithmetic order (projections, online softmax), which the op's tolerance
+covers.
 """
 from __future__ import annotations
 
 import torch
 
 from dsv4_portable.devices import interpret_mode
-from dsv4_portable.reference.quant import linear_f32
 from dsv4_portable.registry import register
 
 from .common import device_reasons, triton_availability
+from .gemm import linear_f32_fixed
 from .launch import launch
-from .launch_helpers import (contiguous_reasons, dtype_reasons, fp32_reasons, next_pow2, tf32_reasons,
-                             unit_last_stride_reasons)
+from .launch_helpers import contiguous_reasons, dtype_reasons, fp32_reasons, next_pow2, unit_last_stride_reasons
 
 MAX_D = 1024            # one entry lives in a program's registers
 TILE_ELEMS = 4096       # rows x features per softmax chunk
@@ -34,8 +36,9 @@ def _supports(x, wkv, wgate, ape, norm_weight, cos, sin, kv_state, score_state, 
     reasons = device_reasons(x, wkv, wgate, ape, norm_weight, cos, sin, kv_state, score_state)
     reasons += dtype_reasons(x=x, wkv=wkv, wgate=wgate, norm_weight=norm_weight)
     reasons += fp32_reasons(ape=ape, cos=cos, sin=sin, kv_state=kv_state, score_state=score_state)
-    reasons += contiguous_reasons(ape=ape, norm_weight=norm_weight, kv_state=kv_state, score_state=score_state)
-    reasons += unit_last_stride_reasons(cos=cos, sin=sin) + tf32_reasons()
+    reasons += contiguous_reasons(wkv=wkv, wgate=wgate, ape=ape, norm_weight=norm_weight, kv_state=kv_state,
+                                  score_state=score_state)
+    reasons += unit_last_stride_reasons(cos=cos, sin=sin)
     coff = 2 if ratio == 4 else 1
     d = wkv.shape[0] // coff
     nope = d - 2 * cos.shape[-1]
@@ -49,7 +52,8 @@ def _supports(x, wkv, wgate, ape, norm_weight, cos, sin, kv_state, score_state, 
 
 
 @register("compressor", "triton", "cuda", available=triton_availability, supports=_supports,
-          note="torch fp32 projections + fused Triton pool/norm/rope/QAT and in-place state update")
+          note="Triton fp32 projections (one plan for every batch) + fused pool/norm/rope/QAT and in-place state "
+               "update")
 def compressor_triton(x, wkv, wgate, ape, norm_weight, cos, sin, kv_state, score_state, start_pos, ratio,
                       rotate=False, quant=True, eps=1e-6):
     from .tl_helpers import tl_dtype
@@ -59,11 +63,13 @@ def compressor_triton(x, wkv, wgate, ape, norm_weight, cos, sin, kv_state, score
     coff = 2 if overlap else 1
     c = wkv.shape[0]
     d = c // coff
-    xf = x.reshape(b * s, dim).float()
-    # fp32 projections in the reference's fixed row tiles: a row's result must not depend on how many rows share
-    # the call (the decode state of a sequence would otherwise change with the batch)
-    kv = linear_f32(xf, wkv.float())                   # [B*S, C] fp32, contiguous
-    score = linear_f32(xf, wgate.float())
+    x2 = x.reshape(b * s, dim)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    # fp32 projections with a row count-independent plan (the kernel converts x and the weights to fp32 as it
+    # loads them): a row's result must not depend on how many rows share the call, or the decode state of a
+    # sequence would change with the batch
+    kv = linear_f32_fixed(x2, wkv)                     # [B*S, C] fp32, contiguous
+    score = linear_f32_fixed(x2, wgate)
     w0 = start_pos // ratio
     n_new = (start_pos + s) // ratio - w0
     cur0 = ratio if overlap else 0

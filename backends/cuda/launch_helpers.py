@@ -1,5 +1,5 @@
-"""Host-side helpers of the memory-bound Triton providers (quantisers, norm/RoPE, mHC, compressor, routing):
-how a torch tensor becomes kernel arguments, and the common reasons a provider declines a call.
+"""Host-side helpers of the Triton providers (quantisers, norm/RoPE, mHC, compressor, routing, GEMMs, attention,
+indexer, MoE): how a torch tensor becomes kernel arguments, and the common reasons a provider declines a call.
 
 Triton-free on purpose: the provider modules import this at registration time, the kernel modules lazily.
 """
@@ -95,11 +95,3 @@ def dot_mode(*dtypes: torch.dtype) -> tuple[bool, str]:
     if all(d in (torch.float16, torch.bfloat16) for d in dtypes):
         return (len(set(dtypes)) != 1), "tf32"
     return True, "tf32x3"
-
-
-def tf32_reasons() -> list[str]:
-    """torch's fp32 matmul on CUDA silently becomes TF32 when allowed; fp32 projections need full fp32."""
-    if on_gpu() and torch.backends.cuda.matmul.allow_tf32:
-        return ["torch.backends.cuda.matmul.allow_tf32 is on; this provider's fp32 projection (torch.matmul) "
-                "would run in TF32 instead of fp32"]
-    return []

@@ -700,12 +700,13 @@ def test_gemm_plan_fills_the_gpu():
 
     def launched(op, x, w, *rest):
         log = []
-        with L.intercept(lambda kern, grid, args, mt: log.append((kern.__name__, tuple(grid), args, mt))):
+        with L.intercept(lambda kern, grid, args, mt: log.append((kern.__name__, tuple(grid),
+                                                                   dict(zip(kern.arg_names, args)), mt))):
             getattr(ops, op).provider("triton", "cuda").fn(x, w, *rest)
         gemm = [(grid, args, mt) for name, grid, args, mt in log if name in ("fp8_gemm_kernel", "float_gemm_kernel")]
         assert len(gemm) == 1, (op, [name for name, *_ in log])
         grid, args, mt = gemm[0]
-        per = args[11] * (128 if op == "fp8_linear" else 1)      # K per split (kb_per_split / k_per_split)
+        per = args["kb_per_split"] * 128 if op == "fp8_linear" else args["k_per_split"]     # K per split
         k = x.shape[-1]
         assert (grid[1] - 1) * per < k <= grid[1] * per, (op, grid, per, k)    # every split has some of K
         assert mt["SPLIT"] == (grid[1] > 1)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .contract import (SpecNotModelledError, check_contiguous, check_in, check_int, check_tensor, need, placeholder,
-                       require_soc, spec_op)
+from .contract import (SpecNotModelledError, check_contiguous, check_in, check_int, check_prefix_sums, check_tensor,
+                       gather_paged, need, placeholder, require_soc, spec_op)
 
 SRC = ("vllm-ascend csrc/attention/sparse_attn_sharedkv/README.md; op_host/sparse_attn_sharedkv_tiling.cpp; "
        "csrc/torch_binding.cpp")
@@ -76,24 +76,12 @@ def _decode(metadata) -> dict:
     return dict(zip(_FIELDS, (int(v) for v in metadata[:len(_FIELDS)].tolist())))
 
 
-def _paged(op, arg, cache, table_arg, table, n_batch, lengths):
-    """Rows of a PA_ND cache [blocks, bs, 1, D] per batch, through its block table (only the first `lengths[b]`)."""
+def _paged(op, arg, cache, table_arg, table, lengths):
+    """Rows [n, D] of a PA_ND cache [blocks, bs, 1, D] per batch, through its block table (the first lengths[b])."""
     check_tensor(op, arg, cache, SRC, ndim=4)
-    bs = cache.shape[1]
-    need(bs % 16 == 0 and 0 < bs <= 1024, op, arg, f"has block_size {bs}", "a multiple of 16, at most 1024", SRC)
     need(cache.shape[2] == 1, op, arg, f"has KV_N={cache.shape[2]}", "KV_N = 1", SRC)
     need(cache.shape[3] == HEAD_DIM, op, arg, f"has head dim {cache.shape[3]}", f"head dim {HEAD_DIM}", SRC)
-    check_tensor(op, table_arg, table, SRC, dtypes=(torch.int32,), ndim=2)
-    width = max(-(-n // bs) for n in lengths)
-    need(table.shape[0] == n_batch and table.shape[1] >= width, op, table_arg, f"has shape {list(table.shape)}",
-         f"[B={n_batch}, >= {width}] (max length / block size, rounded up)", SRC)
-    rows = []
-    for b, n in enumerate(lengths):
-        ids = table[b, :-(-n // bs)].long()
-        need(bool(((ids >= 0) & (ids < cache.shape[0])).all()), op, table_arg, f"row {b} names blocks {ids.tolist()}",
-             f"block ids in [0, {cache.shape[0]})", SRC)
-        rows.append(cache[ids].reshape(-1, cache.shape[3])[:n])
-    return rows
+    return gather_paged(op, arg, cache, table_arg, table, lengths, SRC)
 
 
 @spec_op("npu_sparse_attn_sharedkv", ("_C_ascend", "custom"), SRC)
@@ -141,9 +129,9 @@ def npu_sparse_attn_sharedkv(q, *, ori_kv=None, cmp_kv=None, ori_sparse_indices=
     # batches and query rows
     if tnd:
         need(cu_seqlens_q is not None, op, "cu_seqlens_q", "is missing", "required for TND", SRC)
-        cu = _int32(op, "cu_seqlens_q", cu_seqlens_q)
-        need(cu[0] == 0 and all(b >= a for a, b in zip(cu, cu[1:])) and cu[-1] == q.shape[0], op, "cu_seqlens_q",
-             f"is {cu}", f"B+1 prefix sums from 0 to T1 = {q.shape[0]}", SRC)
+        cu = check_prefix_sums(op, "cu_seqlens_q", cu_seqlens_q, SRC)
+        need(cu[-1] == q.shape[0], op, "cu_seqlens_q", f"is {cu}", f"B+1 prefix sums from 0 to T1 = {q.shape[0]}",
+             SRC)
         n_batch, q_lens = len(cu) - 1, [b - a for a, b in zip(cu, cu[1:])]
         starts = cu[:-1]
     else:
@@ -173,11 +161,11 @@ def npu_sparse_attn_sharedkv(q, *, ori_kv=None, cmp_kv=None, ori_sparse_indices=
          f"has max_seqlen_q {meta['max_seqlen_q']}, max_seqlen_kv {meta['max_seqlen_kv']}",
          f"at least the step's {max(q_lens)} and {max(kv_lens)}", SRC)
 
-    ori_rows = _paged(op, "ori_kv", ori_kv, "ori_block_table", ori_block_table, n_batch, kv_lens)
+    ori_rows = _paged(op, "ori_kv", ori_kv, "ori_block_table", ori_block_table, kv_lens)
     cmp_rows = None
     if has_cmp:
         n_cmp = [n // cmp_ratio for n in kv_lens]
-        cmp_rows = _paged(op, "cmp_kv", cmp_kv, "cmp_block_table", cmp_block_table, n_batch, [max(1, n) for n in n_cmp])
+        cmp_rows = _paged(op, "cmp_kv", cmp_kv, "cmp_block_table", cmp_block_table, [max(1, n) for n in n_cmp])
         cmp_rows = [r[:n] for r, n in zip(cmp_rows, n_cmp)]
         if cmp_sparse_indices is not None:
             need(cmp_ratio == 4, op, "cmp_sparse_indices", f"is given with cmp_ratio {cmp_ratio}",

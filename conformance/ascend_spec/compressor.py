@@ -20,21 +20,13 @@ from __future__ import annotations
 import torch
 
 from .contract import (SpecNotModelledError, check_in, check_int, check_shape, check_tensor, need, placeholder,
-                       require_soc, spec_op)
+                       require_soc, rope_rotate, spec_op)
 
 SRC = ("vllm-ascend csrc/attention/compressor/README.md; op_host/arch32/compressor_tiling.h; csrc/torch_binding.cpp; "
        "vllm_ascend/models/deepseek_v4/compressor.py")
 CHIPS = ("A3", "950")                  # README: A2 not supported
 COMBOS = {(512, 2, 4): "C4A", (128, 2, 4): "C4Li", (512, 1, 128): "C128A"}   # (D, coff, ratio)
 HALVES = (torch.bfloat16, torch.float16)
-
-
-def _rotate(x, mode):
-    if mode == 2:                       # interleave: pairs (2i, 2i+1)
-        pair = x.unflatten(-1, (-1, 2))
-        return torch.stack([-pair[..., 1], pair[..., 0]], dim=-1).flatten(-2)
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
 @spec_op("compressor", ("_C_ascend", "custom"), SRC)
@@ -130,7 +122,7 @@ def compressor(x, wkv, wgate, state_cache, ape, norm_weight, rope_sin, rope_cos,
             normed = norm_weight.float() * pooled * torch.rsqrt(pooled.square().mean() + norm_eps)
             rd = rope_head_dim
             rot = normed[-rd:]
-            rot = rot * rope_cos[bi, j].float() + _rotate(rot, rotary_mode) * rope_sin[bi, j].float()
+            rot = rot * rope_cos[bi, j].float() + rope_rotate(rot, rotary_mode == 2) * rope_sin[bi, j].float()
             out[bi, j] = torch.cat([normed[:-rd], rot]).to(x.dtype)
     return out
 

@@ -206,11 +206,13 @@ def check_shape(op: str, arg: str, t: torch.Tensor, want: Sequence[int | None], 
 
 
 def check_prefix_sums(op: str, arg: str, t: torch.Tensor, source: str, first_zero: bool = True) -> list[int]:
-    """cu_seqlens-style prefix sums: int32, 1-D, non-decreasing (and starting at 0 where documented)."""
+    """cu_seqlens-style prefix sums: int32, 1-D, non-decreasing from 0. first_zero: B+1 entries starting with the
+    0 (cu_seqlens); else B entries, the batches' ends only (the first >= 0)."""
     check_tensor(op, arg, t, source, dtypes=(torch.int32,), ndim=1)
     vals = [int(v) for v in t.tolist()]
-    need(all(b >= a for a, b in zip(vals, vals[1:])), op, arg, f"is {vals}",
-         "prefix sums: every element >= the previous one", source)
+    ends = vals if first_zero else [0] + vals
+    need(all(b >= a for a, b in zip(ends, ends[1:])), op, arg, f"is {vals}",
+         "prefix sums: every element >= the previous one" + ("" if first_zero else ", the first >= 0"), source)
     if first_zero:
         need(vals[0] == 0, op, arg, f"starts at {vals[0]}", "prefix sums starting at 0", source)
     return vals
@@ -223,6 +225,28 @@ def check_paged_cache(op: str, arg: str, cache: torch.Tensor, source: str, max_b
     need(bs % 16 == 0 and 0 < bs <= max_block, op, arg, f"has block_size {bs} (shape {list(cache.shape)})",
          f"block_size a multiple of 16 and <= {max_block}", source)
     return bs
+
+
+def gather_paged(op: str, arg: str, cache: torch.Tensor, table_arg: str, table: torch.Tensor, lengths: list[int],
+                 source: str) -> list[torch.Tensor]:
+    """The rows of a paged cache [num_blocks, block_size, ...] per batch, read through its block table (int32
+    [B, >= the most blocks a batch needs]): batch b's first lengths[b] rows, each flattened past the block dims
+    ([lengths[b], prod(cache.shape[2:])])."""
+    bs = check_paged_cache(op, arg, cache, source)
+    check_tensor(op, table_arg, table, source, dtypes=(torch.int32,), ndim=2)
+    width = max((-(-n // bs) for n in lengths), default=0)
+    need(table.shape[0] == len(lengths) and table.shape[1] >= width, op, table_arg, f"has shape {list(table.shape)}",
+         f"[B={len(lengths)}, >= {width}] (max length / block size, rounded up)", source)
+    row = 1
+    for s in cache.shape[2:]:
+        row *= s
+    rows = []
+    for b, n in enumerate(lengths):
+        ids = table[b, :-(-n // bs)].long()
+        need(bool(((ids >= 0) & (ids < cache.shape[0])).all()), op, table_arg, f"row {b} names blocks {ids.tolist()}",
+             f"block ids in [0, {cache.shape[0]})", source)
+        rows.append(cache[ids].reshape(-1, row)[:n])
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------- call log
@@ -356,6 +380,16 @@ def spec_op(name: str, namespaces: Sequence[str], source: str):
 # ----------------------------------------------------------------------------------------------- numerics helpers
 def f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32)
+
+
+def rope_rotate(x: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """RoPE's rotated partner of x along the last dim: interleave (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...);
+    else rotate_half (x1, x2) -> (-x2, x1)."""
+    if interleave:
+        pair = x.unflatten(-1, (-1, 2))
+        return torch.stack([-pair[..., 1], pair[..., 0]], dim=-1).flatten(-2)
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
 def empty_float() -> torch.Tensor:

@@ -209,20 +209,15 @@ def npu_moe_distribute_dispatch_v2(x, expert_ids, group_ep, ep_world_size, ep_ra
     if quant_mode == 2 or scales is not None:
         raise SpecNotModelledError(op, "dynamic quantisation (quant_mode 2, scales)")
     check_in(op, "expert_token_nums_type", expert_token_nums_type, (0, 1), SRC, "0 prefix sums, 1 counts")
+    check_tensor(op, "expert_scales", expert_scales, SRC, dtypes=(torch.float32,), ndim=2, optional=True)
+    need(expert_scales is None or tuple(expert_scales.shape) == (bs, k), op, "expert_scales",
+         f"has shape {list(expert_scales.shape) if expert_scales is not None else None}", f"[BS={bs}, K={k}]", SRC)
     if soc == "A2":
         for name, value in (("zero_expert_num", zero_expert_num), ("copy_expert_num", copy_expert_num),
                             ("const_expert_num", const_expert_num)):
             check_int(op, name, value, SRC, 0, 0, rule="0 on A2 (no special experts)")
         need(elastic_info is None, op, "elastic_info", "is given", "None on A2 (reserved)", SRC)
-        check_tensor(op, "expert_scales", expert_scales, SRC, dtypes=(torch.float32,), ndim=2, optional=True)
-        need(expert_scales is None or tuple(expert_scales.shape) == (bs, k), op, "expert_scales",
-             f"has shape {list(expert_scales.shape) if expert_scales is not None else None}", f"[BS={bs}, K={k}]",
-             SRC)
     else:
-        check_tensor(op, "expert_scales", expert_scales, SRC, dtypes=(torch.float32,), ndim=2, optional=True)
-        need(expert_scales is None or tuple(expert_scales.shape) == (bs, k), op, "expert_scales",
-             f"has shape {list(expert_scales.shape) if expert_scales is not None else None}", f"[BS={bs}, K={k}]",
-             SRC)
         need(not (comm_alg == "fullmesh_v2" and x_active_mask is not None), op, "x_active_mask", "is given with "
              "comm_alg 'fullmesh_v2'", "no x_active_mask with 'fullmesh_v2' on A3", SRC)
         _not_modelled(op, zero_expert_num=zero_expert_num, copy_expert_num=copy_expert_num,

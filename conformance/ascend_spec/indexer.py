@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .contract import (SpecNotModelledError, check_contiguous, check_in, check_tensor, need, placeholder,
-                       require_soc, spec_op)
+from .contract import (SpecNotModelledError, check_contiguous, check_in, check_prefix_sums, check_tensor,
+                       gather_paged, need, placeholder, require_soc, spec_op)
 
 SRC = "op-plugin docs/zh/custom_APIs/torch_npu/torch_npu-npu_lightning_indexer.md"
 SPARSE_COUNTS = set(range(1, 2049)) | {3072, 4096, 5120, 6144, 7168, 8192}
@@ -12,13 +12,14 @@ N1_950 = (8, 16, 24, 32, 64)
 
 
 def _lengths(op, arg, t, n_batch, limit, prefix):
-    """int32 per-batch lengths in [0, limit], or (prefix=True, TND) prefix sums: returns per-batch lengths."""
-    check_tensor(op, arg, t, SRC, dtypes=(torch.int32,), ndim=1)
-    vals = [int(v) for v in t.tolist()]
+    """int32 per-batch lengths in [0, limit], or (prefix=True, TND) the batches' ends as prefix sums from 0 (no
+    leading 0): returns per-batch lengths."""
     if prefix:
-        need(all(b >= a for a, b in zip([0] + vals, vals)), op, arg, f"is {vals}",
-             "TND: prefix sums (each element >= the previous one, from 0)", SRC)
-        vals = [b - a for a, b in zip([0] + vals, vals)]
+        ends = check_prefix_sums(op, arg, t, SRC, first_zero=False)
+        vals = [b - a for a, b in zip([0] + ends, ends)]
+    else:
+        check_tensor(op, arg, t, SRC, dtypes=(torch.int32,), ndim=1)
+        vals = [int(v) for v in t.tolist()]
     need(len(vals) == n_batch and all(0 <= v <= limit for v in vals), op, arg, f"gives lengths {vals}",
          f"one length per batch ({n_batch}) in [0, {limit}]", SRC)
     return vals
@@ -90,21 +91,8 @@ def npu_lightning_indexer(query, key, weights, *, actual_seq_lengths_query=None,
     if layout_key == "PA_BSND":
         need(actual_seq_lengths_key is not None, op, "actual_seq_lengths_key", "is missing", "required for PA_BSND",
              SRC)
-        bs = key.shape[1]
-        need(bs % 16 == 0 and 0 < bs <= 1024, op, "key", f"has block_size {bs}", "a multiple of 16, at most 1024",
-             SRC)
         k_lens = _lengths(op, "actual_seq_lengths_key", actual_seq_lengths_key, n_batch, 2**31 - 1, False)
-        check_tensor(op, "block_table", block_table, SRC, dtypes=(torch.int32,), ndim=2)
-        need_blocks = max(-(-n // bs) for n in k_lens)
-        need(block_table.shape[0] == n_batch and block_table.shape[1] >= need_blocks, op, "block_table",
-             f"has shape {list(block_table.shape)}", f"[B={n_batch}, >= {need_blocks}] (max key length / block size)",
-             SRC)
-        keys = []
-        for b, n in enumerate(k_lens):
-            ids = block_table[b, :-(-n // bs)].long()
-            need(bool(((ids >= 0) & (ids < key.shape[0])).all()), op, "block_table", f"row {b} has block ids "
-                 f"{ids.tolist()}", f"ids in [0, {key.shape[0]})", SRC)
-            keys.append(key[ids].reshape(-1, d)[:n])
+        keys = gather_paged(op, "key", key, "block_table", block_table, k_lens, SRC)      # N2 = 1: rows [n, D]
     else:
         need(block_table is None, op, "block_table", "is given", "only with layout_key PA_BSND", SRC)
         if layout_key == "TND":

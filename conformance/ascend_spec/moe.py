@@ -164,6 +164,22 @@ def npu_moe_init_routing_v2(x, expert_idx, *, scale=None, offset=None, active_nu
     return expanded_x, row_idx, expert_tokens, placeholder((t,), torch.float32, x.device)
 
 
+def _group_counts(op, group_list, group_list_type, e, m, src) -> list[int]:
+    """Rows per group from group_list (int64 [E], one entry per group): the counts (group_list_type 1, which may
+    not be a list of length 1) or their cumsum (0), non-negative and covering exactly the M rows of x."""
+    check_tensor(op, "group_list", group_list, src, dtypes=(torch.int64,), ndim=1)
+    vals = group_list.tolist()
+    need(len(vals) == e, op, "group_list", f"has {len(vals)} entries", f"one per group ({e})", src)
+    need(all(c >= 0 for c in vals), op, "group_list", f"is {vals}", "non-negative entries", src)
+    if group_list_type == 1:
+        need(len(vals) != 1, op, "group_list", "has length 1", "with group_list_type 1, not of length 1", src)
+        need(sum(vals) == m, op, "group_list", f"is {vals}", f"counts summing to M={m}", src)
+        return vals
+    need(all(b >= a for a, b in zip(vals, vals[1:])) and vals[-1] == m, op, "group_list", f"is {vals}",
+         f"a non-decreasing cumsum ending at M={m}", src)
+    return [b - a for a, b in zip([0] + vals, vals)]
+
+
 @spec_op("npu_grouped_matmul", ("torch_npu", "npu"), SRC_GMM)
 def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiquant_scale=None,
                        antiquant_offset=None, per_token_scale=None, group_list=None, split_item=0, group_type=None,
@@ -200,22 +216,9 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
     inner = kdim if transposed else n
     need(xs.shape[1] < 65536 and inner < 65536, op, "weight[0]" if inner >= 65536 else "x[0]",
          f"has an inner (last) dim of {max(xs.shape[1], inner)}", "every last dim below InnerLimit 65536", SRC_GMM)
-    check_tensor(op, "group_list", group_list, SRC_GMM, dtypes=(torch.int64,), ndim=1)
-    need(group_list.shape[0] == e, op, "group_list", f"has {group_list.shape[0]} entries", f"one per group ({e})",
-         SRC_GMM)
-    need(e <= 1024, op, "group_list", f"has {e} groups", "at most 1024 groups", SRC_GMM)
     m = xs.shape[0]
-    vals = group_list.tolist()
-    if group_list_type == 1:
-        need(len(vals) != 1, op, "group_list", "has length 1", "with group_list_type 1, non-negative and not of "
-             "length 1", SRC_GMM)
-        counts = vals
-        need(all(c >= 0 for c in vals) and sum(vals) == m, op, "group_list", f"is {vals}",
-             f"non-negative counts summing to M={m}", SRC_GMM)
-    else:
-        need(all(c >= 0 for c in vals) and all(b >= a for a, b in zip(vals, vals[1:])) and vals[-1] == m, op,
-             "group_list", f"is {vals}", f"a non-negative non-decreasing cumsum ending at M={m}", SRC_GMM)
-        counts = [b - a for a, b in zip([0] + vals, vals)]
+    counts = _group_counts(op, group_list, group_list_type, e, m, SRC_GMM)
+    need(e <= 1024, op, "group_list", f"has {e} groups", "at most 1024 groups", SRC_GMM)
     if quant:
         check_tensor(op, "scale", scale[0] if isinstance(scale, (list, tuple)) else scale, SRC_GMM,
                      dtypes=(torch.float32, torch.bfloat16), ndim=2)
@@ -279,18 +282,7 @@ def _mx_grouped_matmul(op, xs, w, group_list, group_list_type, antiquant_scale, 
     check_tensor(op, "antiquant_scale", sw, SRC_GMM_MX, dtypes=(torch.uint8, torch.float8_e8m0fnu), ndim=4)
     need(tuple(sw.shape) == (e, k // 64, n, 2), op, "antiquant_scale", f"has shape {list(sw.shape)}",
          f"[E, K/64, N, 2] = [{e}, {k // 64}, {n}, 2]", SRC_GMM_MX)
-    check_tensor(op, "group_list", group_list, SRC_GMM_MX, dtypes=(torch.int64,), ndim=1)
-    vals = group_list.tolist()
-    need(len(vals) == e and all(c >= 0 for c in vals), op, "group_list", f"is {vals}", f"{e} non-negative entries",
-         SRC_GMM_MX)
-    if group_list_type == 1:
-        need(len(vals) != 1 and sum(vals) == m, op, "group_list", f"is {vals}", f"counts summing to M={m}, not of "
-             "length 1", SRC_GMM_MX)
-        counts = vals
-    else:
-        need(all(b >= a for a, b in zip(vals, vals[1:])) and vals[-1] == m, op, "group_list", f"is {vals}",
-             f"a non-decreasing cumsum ending at M={m}", SRC_GMM_MX)
-        counts = [b - a for a, b in zip([0] + vals, vals)]
+    counts = _group_counts(op, group_list, group_list_type, e, m, SRC_GMM_MX)
     xd = xs.float() * _e8m0(sx).reshape(m, k // 32).repeat_interleave(32, -1)
     packed = w.transpose(1, 2).reshape(e, n, kh).view(torch.uint8).long()            # [E, N, K/2]
     codes = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(e, n, k)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .contract import SpecNotModelledError, check_in, check_tensor, need, require_soc, spec_op
+from .contract import SpecNotModelledError, check_in, check_tensor, need, require_soc, rope_rotate, spec_op
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 SRC_NORM = "op-plugin docs/zh/custom_APIs/torch_npu/(beta)torch_npu-npu_rms_norm.md; vllm-ascend ops/layernorm.py"
@@ -35,14 +35,6 @@ def npu_rms_norm(self, gamma, epsilon=1e-6):
     xf = x.float()
     rstd = torch.rsqrt(xf.square().mean(dims, keepdim=True) + epsilon)
     return (gamma.float() * (xf * rstd)).to(x.dtype), rstd
-
-
-def _rotate(x: torch.Tensor, mode: str) -> torch.Tensor:
-    if mode == "interleave":      # (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)
-        pair = x.unflatten(-1, (-1, 2))
-        return torch.stack([-pair[..., 1], pair[..., 0]], dim=-1).flatten(-2)
-    half = x.shape[-1] // 2       # "half": (x1, x2) -> (-x2, x1)
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
 @spec_op("npu_rotary_mul", ("torch_npu", "npu"), SRC_ROPE)
@@ -83,4 +75,4 @@ def npu_rotary_mul(input, r1, r2, rotary_mode="half", rotate=None):
         need(all(a in (1, c) for a, c in zip(r1.shape, s)), op, "r1", f"has shape {list(r1.shape)}",
              f"broadcastable to input {list(s)}", SRC_ROPE)
     xf = x.float()
-    return (xf * r1.float() + _rotate(xf, rotary_mode) * r2.float()).to(x.dtype)
+    return (xf * r1.float() + rope_rotate(xf, rotary_mode == "interleave") * r2.float()).to(x.dtype)

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .quant_kernels import fp4_block_roundtrip, fp8_block_roundtrip
-from .tl_helpers import cast_out, round_to
+from .tl_helpers import cast_out, hadamard_butterfly, round_to
 
 
 @triton.jit
@@ -35,17 +35,6 @@ def _row_source(p, start_pos, state_base, ratio):
     """Per position p: (from the state?, state slot, new-row index, ape row). Only one of the two sources is
     read (masked loads), so the other's out-of-range index is never dereferenced."""
     return p < start_pos, p - state_base, p - start_pos, tl.where(p >= 0, p % ratio, 0)
-
-
-@triton.jit
-def hadamard_butterfly(v, D: tl.constexpr, LOG2_D: tl.constexpr):
-    """Sylvester Hadamard transform of a [D] vector (no scaling): stage h pairs elements i and i + h (bit h of i
-    clear) into (a + b, a - b), h = 1, 2, 4, ..., the order of reference.hadamard, so the fp32 sums are the same."""
-    for i in tl.static_range(LOG2_D):          # h = 2^i
-        v3 = tl.permute(tl.reshape(v, (D >> (i + 1), 2, 1 << i)), (0, 2, 1))   # [D/2h, h, 2]: pairs (i, i+h)
-        a, b = tl.split(v3)
-        v = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (D,))
-    return v
 
 
 @triton.jit
@@ -127,7 +116,8 @@ def compress_entry_kernel(kv_ptr, sc_ptr, kvs_ptr, scs_ptr, ape_ptr, nw_ptr, cos
 
     if QUANT:
         if ROTATE:      # indexer keys: Hadamard (d = BLOCK_D, a power of two), then FP4 blocks of 32
-            v = round_to(hadamard_butterfly(v, BLOCK_D, LOG2_D) * hadamard_scale, OUT_DT, INTERPRET)
+            v = tl.reshape(hadamard_butterfly(tl.reshape(v, (1, BLOCK_D)), 1, BLOCK_D, LOG2_D), (BLOCK_D,))
+            v = round_to(v * hadamard_scale, OUT_DT, INTERPRET)
             q, _, _ = fp4_block_roundtrip(tl.reshape(v, (BLOCK_D // 32, 32)))
             v = tl.reshape(q, (BLOCK_D,))
         elif BLOCK_D >= 64:      # attention KV: FP8 blocks of 64 on the non-rope dims

@@ -13,19 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tl_helpers import cast_out
-
-
-@triton.jit
-def hadamard_butterfly_rows(v, R: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr):
-    """Sylvester Hadamard transform (unscaled) of each row of v [R, D]: stage h = 1, 2, 4, ... pairs elements
-    i and i + h (bit h of i clear) into (a + b, a - b), the order of reference.hadamard, so the fp32 sums are
-    the reference's, bit for bit."""
-    for i in tl.static_range(LOG2_D):          # h = 2^i
-        v4 = tl.permute(tl.reshape(v, (R, D >> (i + 1), 2, 1 << i)), (0, 1, 3, 2))   # [R, D/2h, h, 2]
-        a, b = tl.split(v4)
-        v = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (R, D))
-    return v
+from .tl_helpers import cast_out, hadamard_butterfly
 
 
 @triton.jit
@@ -37,7 +25,7 @@ def hadamard_kernel(x_ptr, y_ptr, n_rows, row_stride, scale, D: tl.constexpr, BL
     mask = (rows < n_rows)[:, None]
     x = tl.load(x_ptr + rows[:, None] * row_stride + cols[None, :], mask=mask, other=0.0)
     if BUTTERFLY:
-        y = hadamard_butterfly_rows(x.to(tl.float32), BLOCK_R, D, LOG2_D) * scale
+        y = hadamard_butterfly(x.to(tl.float32), BLOCK_R, D, LOG2_D) * scale
     else:
         # parity of popcount(i & j), one bit at a time (D <= 256: 8 bits)
         both = cols[:, None] & cols[None, :]

@@ -1,5 +1,6 @@
-"""Triton helpers shared by the compute kernels (gemm, attention, indexer, moe). Needs triton: the provider
-modules import the kernel modules lazily, so the CUDA backend still loads (and reports why) without triton.
+"""Triton helpers shared by the kernels (gemm, attention, indexer, moe, quantisers, compressor, Hadamard). Needs
+triton: the provider modules import the kernel modules lazily, so the CUDA backend still loads (and reports why)
+without triton.
 
 Interpreter shims (TRITON_INTERPRET=1, triton 3.9 / numpy): the interpreter converts fp32 -> bf16 by
 truncation and fp32 -> float8e4nv with ties rounded away, where the GPU's cvt.rn instructions round to nearest
@@ -62,6 +63,19 @@ def cast_out(x, DT: tl.constexpr, INTERPRET: tl.constexpr):
 def round_to(x, DT: tl.constexpr, INTERPRET: tl.constexpr):
     """fp32 -> fp32 rounded to DT's grid (the reference's `.to(act_dtype)` followed by `.float()`)."""
     return cast_out(x, DT, INTERPRET).to(tl.float32)
+
+
+@triton.jit
+def hadamard_butterfly(v, R: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr):
+    """Sylvester Hadamard transform (unscaled) of each row of v [R, D] (D = 2^LOG2_D): stage h = 1, 2, 4, ...
+    pairs elements i and i + h (bit h of i clear) into (a + b, a - b), the order of reference.hadamard, so the
+    fp32 sums are the reference's, bit for bit. The Hadamard kernel's fp32 rows and the compressor's indexer
+    keys (one row, R = 1) both use it."""
+    for i in tl.static_range(LOG2_D):          # h = 2^i
+        v4 = tl.permute(tl.reshape(v, (R, D >> (i + 1), 2, 1 << i)), (0, 1, 3, 2))   # [R, D/2h, h, 2]
+        a, b = tl.split(v4)
+        v = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (R, D))
+    return v
 
 
 @triton.jit

@@ -185,6 +185,15 @@ def test_the_vllm_ascend_kernels_are_not_loaded_on_the_950(standin):
     assert "not loaded on the 950" in vendor_ops.resolved_ops()["extension vllm_ascend.vllm_ascend_C"]
 
 
+@pytest.mark.parametrize("standin", ["950", "A3"], indirect=True)
+def test_the_quantised_linears_name_their_chips_once(standin):
+    int8, fp8 = (op.provider("cann", "npu").availability() for op in (ops.int8_linear, ops.fp8_linear))
+    on_950 = standin.npu.get_soc_version() == 260
+    assert (int8, fp8) == ((["torch_npu.npu_dynamic_quant is used on A2, A3; this chip is 950 (SoC 260)"], [])
+                           if on_950 else ([], ["npu_quant_matmul's FP8 block mode is used on 950; this chip is A3 "
+                                                "(SoC 250)"]))
+
+
 @pytest.mark.parametrize("standin", [("A2", ("custom_ops",))], indirect=True)
 def test_custom_hc_pre_is_not_used_on_the_a2(standin):
     h = torch.zeros(1, 1, 4, 4096, dtype=BF16)

@@ -32,7 +32,3 @@ def chip() -> str | None:
     if soc == 260:
         return "950"
     return None
-
-
-def has_fp8() -> bool:
-    return chip() == "950"

@@ -16,6 +16,7 @@ ALL_CHIPS = ("A2", "A3", "950")
 CHIPS = {
     "custom.npu_hc_pre": ("A3", "950"),                       # cann-recipes doc: A3 and 950
     "torch_npu.npu_dynamic_quant": ("A2", "A3"),              # int8 destinations are A2/A3 (doc)
+    "npu.npu_dynamic_quant": ("A2", "A3"),
     "_C_ascend.npu_sparse_attn_sharedkv": ("A2", "A3"),       # kernel README: 950 not supported
     "custom.npu_sparse_attn_sharedkv": ("A2", "A3"),
     "_C_ascend.compressor": ("A3", "950"),                    # compressor README: A2 not supported
@@ -36,9 +37,10 @@ def device_reasons(*tensors) -> list[str]:
     return []
 
 
-def chip_reasons(key: str) -> list[str]:
-    """Why the resolved vendor op `key` ("namespace.name") is not used on this chip (empty when it is)."""
-    chips = CHIPS.get(key, ALL_CHIPS)
+def chip_reasons(key: str, chips: tuple[str, ...] | None = None) -> list[str]:
+    """Why the resolved vendor op `key` ("namespace.name", or a mode of one) is not used on this chip (empty when
+    it is); chips: where it is used (default: its CHIPS entry, else every chip)."""
+    chips = chips or CHIPS.get(key, ALL_CHIPS)
     c = chip_mod.chip()
     if c in chips:
         return []

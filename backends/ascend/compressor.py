@@ -24,7 +24,7 @@ from dsv4_portable.registry import register
 
 from . import chip as chip_mod
 from . import vendor_ops
-from .common import availability, device_reasons
+from .common import availability, block_table, device_reasons
 
 COMPRESSOR = ("_C_ascend.compressor", "custom.compressor")
 STATE_BLOCK = 16                         # rows per block of the temporary vendor state
@@ -56,9 +56,10 @@ def to_vendor_state(kv_state, score_state, start: int, steps: int, ratio: int):
     base = lo // STATE_BLOCK
     nb = -(-end // STATE_BLOCK) - base
     state = torch.zeros(1 + b * nb, STATE_BLOCK, 2 * c, dtype=torch.float32, device=kv_state.device)
-    j = torch.arange(-(-end // STATE_BLOCK), device=kv_state.device, dtype=torch.int32)
-    own = 1 + torch.arange(b, device=kv_state.device, dtype=torch.int32).unsqueeze(1) * nb + (j - base)
-    table = torch.where(j >= base, own, 0).contiguous()              # 0: before the open windows, never touched
+    # batch i's block j (j >= base) is state block 1 + i * nb + (j - base); block 0: before the open windows,
+    # never touched
+    table = block_table(torch.arange(b, device=kv_state.device), nb, base + nb) + (1 - base)
+    table[:, :base] = 0
     p = torch.arange(lo, start, device=kv_state.device)
     if p.numel():
         rows = _our_row(p, start, ratio)

@@ -19,18 +19,12 @@ from dsv4_portable import ops
 from dsv4_portable.reference.quant import FP8_LINEAR_BLOCK
 from dsv4_portable.registry import register
 
-from . import chip as chip_mod
 from . import vendor_ops
-from .common import availability, device_reasons
+from .common import availability, chip_reasons, device_reasons
 
 QMM = ("torch_npu.npu_quant_matmul", "npu.npu_quant_matmul")
 DQ = ("torch_npu.npu_dynamic_quant", "npu.npu_dynamic_quant")
 FLOAT_ACT = (torch.bfloat16, torch.float16)
-
-
-def _chip_is(*chips) -> list[str]:
-    c = chip_mod.chip()
-    return [] if c in chips else [f"used on {', '.join(chips)}; this chip is {c or 'unknown'}"]
 
 
 def _supports(x, w, w_scale, scale_fmt="ue8m0"):
@@ -42,7 +36,12 @@ def _supports(x, w, w_scale, scale_fmt="ue8m0"):
     return reasons
 
 
-@register("fp8_linear", "cann", "npu", available=lambda: availability(QMM)() + _chip_is("950"), supports=_supports,
+def _fp8_available() -> list[str]:
+    """npu_quant_matmul serves every chip (int8 on A2/A3); its FP8 block mode needs the 950's FP8 units."""
+    return availability(QMM)() + chip_reasons("npu_quant_matmul's FP8 block mode", ("950",))
+
+
+@register("fp8_linear", "cann", "npu", available=_fp8_available, supports=_supports,
           note="950: quant_fp8 + npu_quant_matmul(group_sizes=[1,128,128]) on w.t() / w_scale.t() views")
 def fp8_linear_cann(x, w, w_scale, scale_fmt="ue8m0"):
     x2d = x.reshape(-1, x.shape[-1])
@@ -65,7 +64,7 @@ def _supports_int8(x, w, w_scale):
     return reasons
 
 
-@register("int8_linear", "cann", "npu", available=lambda: availability(DQ, QMM)() + _chip_is("A2", "A3"),
+@register("int8_linear", "cann", "npu", available=availability(DQ, QMM),      # npu_dynamic_quant: A2/A3 (CHIPS)
           supports=_supports_int8, note="A2/A3: npu_dynamic_quant (per token) + npu_quant_matmul (per-channel int8, "
                                         "w.t() view)")
 def int8_linear_cann(x, w, w_scale):

@@ -73,10 +73,12 @@ def load_extensions() -> dict[str, str]:
     return dict(_EXTENSIONS)
 
 
-def _lookup(key: str) -> Callable | None:
+def lookup(key: str, module=None) -> Callable | None:
+    """The op "namespace.name" as this process has it now, or None: a `torch_npu` attribute (of `module`, default
+    the imported torch_npu) or a torch.ops one. Not cached (resolve() caches)."""
     namespace, name = key.split(".", 1)
     if namespace == "torch_npu":
-        mod = sys.modules.get("torch_npu")
+        mod = module if module is not None else sys.modules.get("torch_npu")
         return getattr(mod, name, None) if mod is not None else None
     try:
         return getattr(getattr(torch.ops, namespace), name)
@@ -91,7 +93,7 @@ def resolve(candidates: Candidates) -> tuple[Callable | None, str]:
             return None, "torch_npu is not imported (choose --device ascend on an NPU host)"
         load_extensions()
         for key in candidates:
-            fn = _lookup(key)
+            fn = lookup(key)
             if fn is not None:
                 _CACHE[candidates] = (fn, key)
                 break

@@ -9,6 +9,7 @@ tests use the stand-in and deliberately deviating copies), so the comparison its
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
@@ -21,6 +22,7 @@ from ..records import CaseRecord
 from ..runner import versions
 from . import SPEC_OPS
 from .contract import active_soc, is_placeholder, soc_family, use_soc
+from dsv4_portable.backends.ascend import vendor_ops
 from dsv4_portable.registry import Tolerance
 
 BF16 = torch.bfloat16
@@ -166,20 +168,8 @@ def _cases() -> list[VendorCase]:
 
 def _extra_cases() -> list[VendorCase]:
     """Cases of the fused attention and compressor ops (their spec modules add them)."""
-    out = []
-    for mod in ("attention", "compressor"):
-        m = sys.modules.get(f"{__package__}.{mod}")
-        out += list(getattr(m, "VENDOR_CASES", lambda: [])()) if m is not None else []
-    return out
-
-
-def _real_op(module, namespace: str, name: str):
-    if namespace == "torch_npu":
-        return getattr(module, name, None)
-    try:
-        return getattr(getattr(torch.ops, namespace), name)
-    except (AttributeError, RuntimeError):
-        return None
+    from . import attention, compressor
+    return attention.VENDOR_CASES() + compressor.VENDOR_CASES()
 
 
 def _outputs(out) -> list[torch.Tensor]:
@@ -237,14 +227,16 @@ def vendor_spec_records(progress: Callable[[str], None] = print, module=None, ov
     {"namespace.name": callable} replacing ops (tests); device: where the vendor op runs ("npu" on a real host);
     only: spec op names to check (default: all, and a skip record for each resolved op no case covers)."""
     module = module or sys.modules.get("torch_npu")
-    _load_extensions()
+    # the extension namespaces (_C_ascend, custom) exist once their modules are imported: the backend's probe
+    # imports every installed one (a no-op when the backend already did)
+    vendor_ops.load_extensions()
     soc_id = int(module.npu.get_soc_version())
     soc = soc_family(soc_id)
     dev = device or ("cpu" if getattr(module, "__spec_standin__", False) else "npu")
     where = f"{dev} ({soc}, SoC {soc_id})"
     vers = versions()
     records, covered = [], set()
-    with use_soc(soc) if active_soc() is None else _nullcontext():
+    with use_soc(soc) if active_soc() is None else contextlib.nullcontext():
         for case in _cases():
             spec_namespaces = next((op.namespaces for op in SPEC_OPS.values() if op.name == case.op), ())
             for ns in case.namespaces or spec_namespaces:       # a case for another chip still covers the op
@@ -254,7 +246,7 @@ def vendor_spec_records(progress: Callable[[str], None] = print, module=None, ov
             found = False
             for ns in case.namespaces or spec_namespaces:
                 key = f"{ns}.{case.op}"
-                real = (overrides or {}).get(key) or _real_op(module, ns, case.op)
+                real = (overrides or {}).get(key) or vendor_ops.lookup(key, module)
                 if real is None:
                     continue
                 found = True
@@ -285,7 +277,7 @@ def _run(case, key, real, spec_op, ns, dev, where, vers, progress) -> CaseRecord
             meta_kwargs = kwargs.pop("__metadata__")
             real_kwargs.pop("__metadata__")
             kwargs["metadata"] = _spec_op(case.metadata_op, ns).invoke(ns, (), meta_kwargs)
-            real_kwargs["metadata"] = _real_op(sys.modules.get("torch_npu"), ns, case.metadata_op)(
+            real_kwargs["metadata"] = vendor_ops.lookup(f"{ns}.{case.metadata_op}")(
                 **{**_to(meta_kwargs, dev), "device": dev})
         if case.run is not None:
             expect = _outputs(case.run(lambda *a, **k: spec_op.invoke(ns, a, k), args, kwargs))
@@ -301,22 +293,8 @@ def _run(case, key, real, spec_op, ns, dev, where, vers, progress) -> CaseRecord
     return rec
 
 
-def _load_extensions() -> None:
-    """The extension namespaces (_C_ascend, custom) exist once their modules are imported: the backend's probe
-    imports every installed one (it is a no-op when the backend already did)."""
-    try:
-        from dsv4_portable.backends.ascend import vendor_ops
-    except ImportError:
-        return
-    vendor_ops.load_extensions()
-
-
 def _uncovered(covered: set, where: str, vers: dict) -> list[CaseRecord]:
     """A skip record for every vendor op the backend resolved that no case above checked."""
-    try:
-        from dsv4_portable.backends.ascend import vendor_ops
-    except ImportError:
-        return []
     out = []
     for cands, key in sorted(vendor_ops.resolved_ops().items()):
         if cands.startswith("extension ") or key.startswith("not found") or key in covered:
@@ -325,11 +303,3 @@ def _uncovered(covered: set, where: str, vers: dict) -> list[CaseRecord]:
                               status="skip", message=f"the backend resolved {key} ({cands}); no vendor-check case "
                                                      "covers it yet"))
     return out
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -22,8 +22,10 @@ Timing: the provider's function itself (argument checks and dispatch run once, b
 - `host_ms`: the same number of calls back to back, no flush, one synchronisation at the end, wall time per
   call: what a step pays when the host is the bottleneck (launch overhead, Python, host-side planning). For
   device-bound calls it can be below `ms`, as inputs stay in L2 between calls.
-CPU: time.perf_counter for both. Absolute times are only meaningful on a GPU/NPU; CPU runs (reference only;
-`--small` uses the tiny preset's dims) and simulated (TRITON_INTERPRET=1) runs show that the bench runs, not how fast anything is.
+CPU: time.perf_counter around each call; every call is synchronous there, so `host_ms` is the mean of the same
+samples (no second pass). Absolute times are only meaningful on a GPU/NPU; CPU runs (reference only; `--small`
+uses the tiny preset's dims) and simulated (TRITON_INTERPRET=1) runs show that the bench runs, not how fast
+anything is.
 The reference is skipped, with the reason, above a per-op size cap (REFERENCE_CAPS) instead of running for minutes.
 """
 from __future__ import annotations
@@ -277,7 +279,10 @@ def _case_sparse_attn(cfg, g):
 
 def _case_window_sparse_attn(cfg, g):
     """A CSA layer's attention step as the model calls it: the window ring, this step's rows and the compressed
-    entries with the indexer's top-k, read in place (no workspace)."""
+    entries with the indexer's top-k, as plain-layout bf16 stores. The Triton provider reads them in place (no
+    [window | kv | comp] workspace); the reference gathers that workspace, and the model's fp8 cache layout is
+    dequantised into new tensors by the cache read before this op (model/cache.py). The bytes counted are the
+    in-place read."""
     b, s, h, d, w, ratio = g.batch, g.seq, cfg.n_heads, cfg.head_dim, cfg.window_size, 4
     p0 = 0 if g.phase == "prefill" else g.context - 1
     n = (p0 + s) // ratio                                # compressed entries after this step
@@ -300,7 +305,8 @@ def _case_window_sparse_attn(cfg, g):
         return (_randn((b, s, h, d), dev), _randn((b, w, d), dev), _randn((b, s, d), dev), _randn((b, n, d), dev),
                 topk.to(torch.int32).contiguous(), _randn(h, dev, torch.float32), d ** -0.5, p0, ratio), {}
     return Case("window_sparse_attn", g.phase, f"CSA step  B={b} S={s} H={h} D={d} at position {p0}: window {w} + "
-                f"top-{k} of N={n} entries, read in place", dict(B=b, S=s, H=h, D=d, W=w, K=k, N=n, start_pos=p0),
+                f"top-{k} of N={n} entries (plain-layout stores)",
+                dict(B=b, S=s, H=h, D=d, W=w, K=k, N=n, start_pos=p0),
                 4 * b * h * d * rows, nbytes, "bf16", build)
 
 
@@ -482,7 +488,8 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: i
             budget_s: float) -> tuple[float, int, float]:
     """(median device ms per call, calls timed, host-inclusive ms per call; see the module doc). A first timed
     call sizes the rep count so slow providers (the reference) stay near `budget_s`; a call slower than the
-    budget is its own single sample (both figures)."""
+    budget is its own single sample (both figures). On CPU host_ms is the samples' mean (calls are synchronous);
+    on a device the same number of calls runs again back to back for it."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -493,24 +500,24 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: i
     if first >= budget_s:
         return first * 1e3, 1, first * 1e3
     reps = max(2, min(reps, int(budget_s / first)))
-    samples = []
-    if device.type == "cpu":
+    if device.type == "cpu":       # synchronous calls: one pass gives both figures
+        samples = []
         for _ in range(reps):
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
-    else:
-        mod = getattr(torch, device.type)
-        flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
-        events = [(mod.Event(enable_timing=True), mod.Event(enable_timing=True)) for _ in range(reps)]
-        for start, end in events:
-            flush.zero_()   # evict the inputs from L2 so reps read HBM like the first call (not timed)
-            start.record()
-            fn()
-            end.record()
-        _sync(device)
-        samples = [start.elapsed_time(end) for start, end in events]
-        del flush
+        return statistics.median(samples), reps, statistics.fmean(samples)
+    mod = getattr(torch, device.type)
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+    events = [(mod.Event(enable_timing=True), mod.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        flush.zero_()   # evict the inputs from L2 so reps read HBM like the first call (not timed)
+        start.record()
+        fn()
+        end.record()
+    _sync(device)
+    samples = [start.elapsed_time(end) for start, end in events]
+    del flush
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()

@@ -99,6 +99,22 @@ def test_reference_cap_skips_with_reason(tmp_path, monkeypatch):
     assert rep["summary"]["skipped"] == 1 and rep["summary"]["timed"] == 1
 
 
+def test_cpu_timing_is_one_pass(monkeypatch):
+    """On CPU the calls are synchronous: time_ms times warmup + 1 sizing call + reps calls, and host_ms is the
+    mean of the same samples (the device-only back-to-back pass does not run). A fake clock makes it exact."""
+    import torch
+    now = [0.0]
+    calls = []
+
+    def fn():
+        calls.append(1)
+        now[0] += 0.001 * len(calls) ** 2   # the n-th call takes n^2 ms
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    ms, reps, host_ms = bench.time_ms(fn, torch.device("cpu"), warmup=2, reps=4, budget_s=10.0)
+    assert reps == 4 and len(calls) == 2 + 1 + 4
+    assert ms == pytest.approx(30.5) and host_ms == pytest.approx(31.5)   # samples 16, 25, 36, 49 ms
+
+
 def test_roofline_percent_hand_derived():
     case = bench.Case("x", "prefill", "", {}, flops=1e12, bytes=1e9, mma="bf16", build=None)
     peaks = {"hbm": 3.35e12, "fp32": 67e12, "bf16": 989e12, "fp8": 1979e12}

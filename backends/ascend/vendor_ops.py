@@ -1,9 +1,8 @@
 """Find each vendor op once, where Ascend stacks ship it, and remember where it was found.
 
 The same AscendC kernels reach Python as `torch_npu.<op>` / `torch.ops.npu.<op>` (torch_npu),
-`torch.ops.custom.<op>` (CANN recipes' custom_ops wheel), `torch.ops._C_ascend.<op>` (vllm-ascend build) or
-`torch.ops.cann_ops_transformer.<op>` (CANN ops-transformer), with drifting names and signatures (DESIGN.md
-section 3). A provider names its candidates as "namespace.op" strings in probing order, e.g.
+`torch.ops.custom.<op>` (CANN recipes' custom_ops wheel) or `torch.ops._C_ascend.<op>` (vllm-ascend build), with
+drifting names and signatures (DESIGN.md section 3). A provider names its candidates as "namespace.op" strings in probing order, e.g.
 ("custom.npu_moe_gating_top_k", "_C_ascend.moe_gating_top_k_hash"); `resolve` returns the first one present.
 
 The torch.ops namespaces of the extensions exist only after their Python module is imported, so the first probe
@@ -29,9 +28,7 @@ Candidates = tuple[str, ...]
 EXTENSIONS = (
     ("_C_ascend", "vllm_ascend.vllm_ascend_C", "vllm-ascend vllm_ascend/utils.py::enable_custom_op"),
     ("custom", "custom_ops", "cann-recipes custom_ops wheel (kernel READMEs: `import custom_ops`)"),
-    ("cann_ops_transformer", "cann_ops_transformer", "CANN ops-transformer (vllm-ascend moe_utils.py imports "
-                                                     "cann_ops_transformer.ops)"),
-)
+)   # (CANN ops-transformer's cann_ops_transformer namespace is not probed: no provider has a candidate there)
 
 _CACHE: dict[Candidates, tuple[Callable | None, str]] = {}
 _EXTENSIONS: dict[str, str] = {}      # module -> "loaded" | why it was not

@@ -96,10 +96,6 @@ def require_soc(op: str, allowed: Iterable[str], source: str) -> str:
     return soc
 
 
-def soc_or_none() -> str | None:
-    return active_soc()
-
-
 # ----------------------------------------------------------------------------------------------- dtype ids
 # torch_npu accepts dtypes either as torch.dtype objects or as integer ids: c10 ScalarType values for the
 # standard types (op-plugin op_plugin/python/meta/_meta_registrations.py TORCH_DTYPE_MAP: int8 1, int32 3,
@@ -304,7 +300,7 @@ class SpecOp:
     spec function, which checks the rest of the contract before computing.
 
     name: the op's name in its namespaces; namespaces: where the research note says it lives ('torch_npu' is
-    the module attribute, 'npu' | 'custom' | '_C_ascend' | 'cann_ops_transformer' are torch.ops namespaces);
+    the module attribute, 'npu' | 'custom' | '_C_ascend' are torch.ops namespaces);
     source: the document the signature and semantics come from.
     """
 

@@ -100,7 +100,7 @@ def _window_pages(window, kv, start_pos):
 
 @register("window_sparse_attn", "cann", "npu", available=_available, supports=_supports,
           note="npu_sparse_attn_sharedkv (+ metadata): TND queries in 64-head calls, PA_ND window and compressed "
-               "pages; A2/A3, 64k heads, head dim 512, window 128")
+               "pages; A2/A3, heads a multiple of 64, head dim 512, window 128")
 def window_sparse_attn_cann(q, window, kv, comp, topk, sink, scale, start_pos, ratio):
     b, s, h, d = q.shape
     kv_len = start_pos + s

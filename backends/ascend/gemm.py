@@ -46,7 +46,8 @@ def _fp8_available() -> list[str]:
 def fp8_linear_cann(x, w, w_scale, scale_fmt="ue8m0"):
     x2d = x.reshape(-1, x.shape[-1])
     xq, xs = ops.quant_fp8(x2d, FP8_LINEAR_BLOCK, scale_fmt)
-    # the block scales are 1/16384 of the weight: an e8m0 -> fp32 conversion here costs nothing worth a re-layout
+    # w_scale: fp32, the op's scale dtype (prepare_weights converts quantised weights' scales at load), so .float()
+    # is a no-op for a loaded model
     y = vendor_ops.call(QMM, xq, w.t(), w_scale.float().t(), pertoken_scale=xs.float(), output_dtype=x.dtype,
                         group_sizes=[1, 128, 128])
     return y.view(*x.shape[:-1], w.shape[0])

@@ -89,7 +89,7 @@ def require_soc(op: str, allowed: Iterable[str], source: str) -> str:
     if soc is None:
         raise VendorContractError(op, "<soc>", "was called with no SoC profile active",
                                   f"supported on {', '.join(allowed)}; activate one with use_soc() or "
-                                  "install_fake_torch_npu(soc=...)", source)
+                                  "standin.installed(soc)", source)
     if soc not in allowed:
         raise VendorContractError(op, "<soc>", f"is not supported on {soc}", f"supported on {', '.join(allowed)}",
                                   source)

@@ -7,9 +7,9 @@ serving the others' exchanges in `serve_until_done()` until every rank is idle. 
 small header (active flag, layer id), so ranks agree on which layer's experts they run and a mismatch fails
 with a clear error instead of silently mixing layers.
 
-Loading only the local experts: `EPContext.keep_expert(layer, expert)` says which experts this rank keeps. A
-checkpoint loader that accepts such a predicate (`load_model(..., keep_expert=...)`) never reads the others;
-until the loader has it, each rank loads every expert and `attach` drops the others' (same result, more I/O).
+Loading only the local experts: `EPContext.keep_expert(layer, expert)` says which experts this rank keeps;
+`load_model(..., keep_expert=ctx.keep_expert)` (load_sharded) never reads the others. `attach` also takes a model
+loaded with every expert and drops the other ranks' (same result, more I/O).
 """
 from __future__ import annotations
 
@@ -169,7 +169,8 @@ def run_rank(rank: int, world_size: int, args) -> dict:
     from ..commands import run_prompts
     from ..config import load_config
     registry.reset_counts()
-    # --ep-combine (ordered | partial) and --ep-timeout are read when the CLI has them (run.py has --ep-timeout)
+    # --ep-combine (ordered | partial) and --ep-timeout: options of the torchrun entry (run.py); `dsv4 run --ep`
+    # has neither, so the defaults apply there
     ctx = EPContext(load_config(args.model).n_routed_experts, mode=getattr(args, "ep_combine", "ordered"),
                     timeout_s=getattr(args, "ep_timeout", None))
     model = load_sharded(args, ctx)

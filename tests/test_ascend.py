@@ -3,7 +3,6 @@ as a stand-in torch_npu) for the A2, A3 and 950 profiles; the spec agrees with t
 coincide, rejects contract violations by name, and the vendor-vs-spec check detects a deviating op.
 What this cannot show: that the real CANN kernels match the spec (that is what the vendor_spec section of
 `dsv4 conformance --device ascend` reports on an NPU host)."""
-import inspect
 import sys
 
 import pytest
@@ -126,7 +125,10 @@ def test_tiny_model_through_the_ascend_providers_matches_reference(standin):
     # the tiny indexer has 4 heads: A2/A3 take N1 <= 64, the 950 only 8/16/24/32/64
     assert ("cann" in counts["indexer_topk"]) == (soc != 260)
     assert set(counts["moe_experts"]) == {"cann"}           # bf16 experts (A2/A3), FP4 via the MX GEMM (950)
-    assert set(counts.get("fp8_linear", {"cann": 1})) == {"cann"}
+    if soc == 260:      # the checkpoint's FP8 linears through npu_quant_matmul, every one of them
+        assert set(counts["fp8_linear"]) == {"cann"}, counts.get("fp8_linear")
+    else:               # A2/A3 dequantised them to bf16 at load: no FP8 linear runs
+        assert "fp8_linear" not in counts, counts["fp8_linear"]
     if soc != 260:      # every bf16 linear on the device's matmul; the fp32 lm_head (one per forward) on the reference
         assert counts["linear"].get("reference", 0) == 4 and counts["linear"]["cann"] > 4, counts["linear"]
     with registry.use_backend("cpu"):
@@ -242,7 +244,6 @@ def test_torch_npu_2_10_gating_without_hash_arguments(standin, monkeypatch):
         registry.reset_counts()
         ops.moe_route(*_route_args("sigmoid"))                                 # would raise TypeError if sent
         assert registry.provider_counts()["moe_route"] == {"cann": 1}
-    assert "input_ids" not in inspect.signature(gating_2_10).parameters
 
 
 # ----------------------------------------------------------------------------------------------- contracts

@@ -124,7 +124,9 @@ def _supports_experts(x, idx, weights, experts, shared=None, swiglu_limit=0.0):
         reasons.append(f"activations {x.dtype}; npu_grouped_matmul takes bf16/fp16 (fp32 runs on the reference)")
     if experts.num_experts > 1024:
         reasons.append(f"{experts.num_experts} experts; npu_grouped_matmul takes at most 1024 groups")
-    if max(experts.hidden, experts.inter) >= 65536:
+    # the shared expert runs the grouped GEMM too (one group) unless it is fp8 (fp8_linear)
+    grouped = [experts] + ([shared] if shared is not None and shared.fmt != "fp8" else [])
+    if max(max(ew.hidden, ew.inter) for ew in grouped) >= 65536:
         reasons.append("a weight dim >= 65536; npu_grouped_matmul's inner dims are below 65536")
     return reasons
 

@@ -421,7 +421,9 @@ def _experts(g, fmt, e=4, d=128, i=128, scale=0.08):
 
     def stacked(w):
         pairs = [quant(w[j]) for j in range(e)]
-        return torch.stack([q for q, _ in pairs]), torch.stack([sc for _, sc in pairs])
+        scales = torch.stack([sc for _, sc in pairs])
+        # FP4 experts carry e8m0 scales, as in the checkpoint (their scales are powers of two by construction)
+        return torch.stack([q for q, _ in pairs]), (scales.to(torch.float8_e8m0fnu) if fmt == "fp4" else scales)
     (a, sa), (b, sb), (c, sc) = stacked(w1), stacked(w2), stacked(w3)
     return ref.ExpertWeights(fmt, a, b, c, sa, sb, sc)
 

@@ -612,12 +612,17 @@ def test_fp4_experts_on_the_950_equal_the_reference_through_the_mx_gemm(standin)
     backend = registry.get_backend("ascend")
     for case_id in ("moe_experts/fp4/bfloat16", "moe_experts/fp4/clamp_beyond_10"):
         case = next(c for c in all_cases(small=True) if c.case_id == case_id)
-        x, idx, w, experts, shared, limit = case.args()
-        why = ops.moe_experts.explain(x, idx, w, experts, shared, limit, backend=backend)
+        x, idx, w, experts, shared, limit = case.args()           # e8m0 scales, as in a checkpoint
+
+        def widened(ew):                                           # what the loader holds before prepare_weights
+            return ref.ExpertWeights(ew.fmt, ew.w1, ew.w2, ew.w3, ew.s1.float(), ew.s2.float(), ew.s3.float(),
+                                     ew.scale_fmt)
+        experts32, shared32 = widened(experts), widened(shared)
+        why = ops.moe_experts.explain(x, idx, w, experts32, shared32, limit, backend=backend)
         assert why[0][:2] == ("cann", "skipped") and "scales are torch.float32" in " ".join(why[0][2]), why
-        prepared = prepare_weights({"layers.0.ffn.experts": experts, "layers.0.ffn.shared_experts": shared})
+        prepared = prepare_weights({"layers.0.ffn.experts": experts32, "layers.0.ffn.shared_experts": shared32})
         ex, sh = prepared["layers.0.ffn.experts"], prepared["layers.0.ffn.shared_experts"]
-        assert ex.s1.dtype == sh.s1.dtype == torch.float8_e8m0fnu and torch.equal(ex.s1.float(), experts.s1)
+        assert ex.s1.dtype == sh.s1.dtype == torch.float8_e8m0fnu and torch.equal(ex.s1.float(), experts32.s1)
         with registry.use_backend("ascend"):
             registry.reset_counts()
             got = ops.moe_experts(x, idx, w, ex, sh, limit)
